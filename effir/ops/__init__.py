@@ -1,0 +1,1 @@
+"""Fused ops: autograd functions, backend dispatch and torch.library registration (Liger-style `ops`)."""

@@ -1,0 +1,41 @@
+"""The relative-error rule shared by every kernel test.
+
+A backend's error against a float64 reference must be no worse than torch's own error in the same dtype
+(the reference op evaluated in that dtype) times a small factor. The floor keeps the rule meaningful when
+torch happens to be exact (e.g. fp32 on tiny sizes): it is a few units in the last place of the dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+FACTOR = 4.0  # headroom for a different (but equally valid) summation order
+_ULPS = 8.0
+
+
+def rel_err(x: torch.Tensor, ref64: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64 (Frobenius over all elements)."""
+    x = x.detach().to(torch.float64)
+    ref64 = ref64.detach().to(torch.float64)
+    denom = ref64.norm().clamp_min(torch.finfo(torch.float64).tiny)
+    return float((x - ref64).norm() / denom)
+
+
+def assert_no_worse_than_torch(
+    name: str,
+    out: torch.Tensor,
+    ref64: torch.Tensor,
+    torch_same_dtype: torch.Tensor,
+    dtype: torch.dtype,
+    factor: float = FACTOR,
+) -> None:
+    """Assert rel_err(out) <= factor * max(rel_err(torch_same_dtype), floor(dtype))."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    assert torch.isfinite(out.detach().to(torch.float64)).all(), f"{name}: non-finite values"
+    err = rel_err(out, ref64)
+    err_torch = rel_err(torch_same_dtype, ref64)
+    floor = _ULPS * torch.finfo(dtype).eps
+    bound = factor * max(err_torch, floor)
+    assert err <= bound, (
+        f"{name}: rel. error {err:.3e} vs float64 exceeds {factor} x max(torch's own {dtype} error "
+        f"{err_torch:.3e}, floor {floor:.1e})"
+    )
