@@ -165,13 +165,13 @@ def verify(file: DataFile, path: Path) -> Path:
     if st.st_size != file.size:
         raise ChecksumMismatch(
             f"{path}: size {st.st_size} bytes, expected {file.size} for {file.path} (from {file.url}); "
-            "the file is truncated or a different version: delete it and fetch again"
+            "the file is truncated or a different version: replace it (a cached copy may be deleted) and fetch again"
         )
     digest = _sha256_file(path)
     if digest != file.sha256:
         raise ChecksumMismatch(
             f"{path}: sha256 {digest}, expected {file.sha256} for {file.path} (from {file.url}); "
-            "the file is corrupt or a different version: delete it and fetch again"
+            "the file is corrupt or a different version: replace it (a cached copy may be deleted) and fetch again"
         )
     _remember_verified(path, digest)
     return path

@@ -1,0 +1,38 @@
+"""Triton backend of the bottleneck adapter ops (kernels in kernels/bottleneck_adapter.py).
+
+Same four functions and signatures as the other backends (/work/notes/contract_adapter.md): 2-D (M, d)
+contiguous inputs of one dtype; backward recomputes the intermediate, fp32 accumulation, no atomics.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _k():
+    # imported lazily: `import effir` never imports Triton by itself
+    from kernels import bottleneck_adapter as k
+
+    return k
+
+
+def adapter_fwd(x, w_down, b_down, w_up, b_up, activation: str, scaling: float) -> torch.Tensor:
+    return _k().fused_adapter_fwd(x, None, w_down, b_down, w_up, b_up, None, None, activation, scaling, 0.0,
+                                  False, False)
+
+
+def adapter_bwd(dy, x, w_down, b_down, w_up, b_up, activation: str, scaling: float):
+    dx, _, dwd, dbd, dwu, dbu, _, _ = _k().fused_adapter_bwd(dy, x, None, w_down, b_down, w_up, b_up, None, None,
+                                                             activation, scaling, 0.0, False, False)
+    return dx, dwd, dbd, dwu, dbu
+
+
+def adapter_ln_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str, scaling: float,
+                   eps: float, original_ln_before: bool) -> torch.Tensor:
+    return _k().fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation, scaling,
+                                  eps, original_ln_before, True)
+
+
+def adapter_ln_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str, scaling: float,
+                   eps: float, original_ln_before: bool):
+    return _k().fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation,
+                                  scaling, eps, original_ln_before, True)

@@ -1,0 +1,80 @@
+"""Launchers for the Triton InfoNCE kernels (kernels/info_nce.py), in the backend contract of
+effir/ops/info_nce.py: `forward(...) -> (loss, lse, dloss_dt)` (R, B) fp32 and `backward(...) -> (dq, ddocs)`.
+
+Inputs fp32 / fp16 / bf16, contiguous. Extra memory: O((B + N) d) fp32 gradient workspaces, O(B) statistics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from effir.backends import triton_interpret
+
+from kernels.info_nce import _bwd_ddocs_kernel, _bwd_dq_kernel, _fwd_kernel
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(q, docs):
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q must be float32/float16/bfloat16 for backend 'triton', got {q.dtype}")
+    for name, t in (("q", q), ("docs", docs)):
+        if t.numel() >= 2**31:
+            raise ValueError(f"{name} must hold fewer than 2**31 elements for backend 'triton' (int32 offsets), "
+                             f"got shape {tuple(t.shape)}")
+
+
+def _upcast(q) -> bool:
+    """Work around the CPU interpreter's wrong bf16 tl.dot (see kernels/info_nce.py:_dot)."""
+    return q.dtype == torch.bfloat16 and triton_interpret()
+
+
+def _groups(query_groups, doc_groups, like):
+    if query_groups is None:
+        dummy = torch.zeros(1, dtype=torch.int64, device=like.device)
+        return dummy, dummy, False
+    return query_groups, doc_groups, True
+
+
+def _fwd_one(q, docs, t, qg, dg, pos_offset, out_loss, out_lse, out_dldt):
+    B, K = q.shape
+    N = docs.shape[0]
+    qg_, dg_, has = _groups(qg, dg, q)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)  # noqa: E731
+    _fwd_kernel[grid](q, docs, t, qg_, dg_, out_loss, out_lse, out_dldt, B, N, K, pos_offset, q.stride(0),
+                      docs.stride(0), HAS_GROUPS=has, IEEE=q.dtype == torch.float32, UPCAST=_upcast(q))
+
+
+def forward(q, docs, temperature, query_groups, doc_groups, pos_offset: int, symmetric: bool):
+    _check(q, docs)
+    B = q.shape[0]
+    R = 2 if symmetric else 1
+    t = temperature.to(torch.float32).contiguous()
+    loss, lse, dldt = (torch.empty(R, B, dtype=torch.float32, device=q.device) for _ in range(3))
+    _fwd_one(q, docs, t, query_groups, doc_groups, pos_offset, loss[0], lse[0], dldt[0])
+    if symmetric:
+        # positive i against the B queries: the same kernel with the roles of the groups swapped
+        dg = None if doc_groups is None else doc_groups[:B].contiguous()
+        _fwd_one(docs[:B], q, t, dg, query_groups, 0, loss[1], lse[1], dldt[1])
+    return loss, lse, dldt
+
+
+def backward(q, docs, temperature, lse, grad_loss, query_groups, doc_groups, pos_offset: int):
+    _check(q, docs)
+    B, K = q.shape
+    N = docs.shape[0]
+    t = temperature.to(torch.float32).contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    g = grad_loss.to(torch.float32).contiguous()
+    sym = lse.shape[0] == 2
+    qg_, dg_, has = _groups(query_groups, doc_groups, q)
+    ieee = q.dtype == torch.float32
+    dq = torch.zeros(B, K, dtype=torch.float32, device=q.device)
+    dd = torch.zeros(N, K, dtype=torch.float32, device=q.device)
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
+        q, docs, t, qg_, dg_, lse, g, dq, B, N, K, pos_offset, q.stride(0), docs.stride(0),
+        HAS_GROUPS=has, SYMMETRIC=sym, IEEE=ieee, UPCAST=_upcast(q))
+    _bwd_ddocs_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+        q, docs, t, qg_, dg_, lse, g, dd, B, N, K, pos_offset, q.stride(0), docs.stride(0),
+        HAS_GROUPS=has, SYMMETRIC=sym, IEEE=ieee, UPCAST=_upcast(q))
+    return dq.to(q.dtype), dd.to(docs.dtype)

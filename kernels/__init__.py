@@ -1,0 +1,1 @@
+"""Triton kernels only (`@triton.jit` + thin launchers); autograd lives in effir/ops."""

@@ -1,0 +1,182 @@
+"""Triton kernels of the fused InfoNCE loss (FlashAttention-style, no (B, N) buffer in global memory).
+
+- `_fwd_kernel` (grid: row blocks of q): tiles S = q . docs^T over column blocks, online log-sum-exp in the
+  log2 domain, plus the running softmax-weighted score so d loss / d t comes for free.
+- `_bwd_dq_kernel` (grid: row blocks) and `_bwd_ddocs_kernel` (grid: column blocks): recompute each S tile
+  from the saved per-row log-sum-exp (FlashAttention-2 shape, no atomics: each program owns its output rows).
+  Because d (384-1024) is far wider than an attention head, the (rows, d) fp32 gradient accumulator does not
+  fit in registers; each program read-modify-writes its own fp32 rows of the gradient per tile, in BLOCK_K
+  slices (L2-resident, race-free).
+fp32 inputs use `input_precision="ieee"` (no TF32); fp16/bf16 go through the tensor cores with fp32 accumulation.
+Offsets are int32: q and docs must each hold fewer than 2**31 elements (checked by the launcher).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _configs(bwd: bool):
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # CPU interpreter: one tiny config, no autotuning
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    if os.environ.get("EFFIR_TRITON_AUTOTUNE", "1") == "0":
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3)]
+    out = []
+    for bm, bn in ((128, 128), (128, 64), (64, 128)):
+        for warps in (4, 8):
+            for stages in (3, 4):
+                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=warps,
+                                         num_stages=stages))
+    return out
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32. IEEE: fp32 inputs, no TF32. UPCAST: Triton 3.6's CPU interpreter multiplies
+    bf16 tiles wrongly, so under TRITON_INTERPRET=1 bf16 tiles are widened first (never on a GPU)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _scores(A, Bm, rows, cols, row_ok, col_ok, K, stride_a, stride_b, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) tile of A[rows] . Bm[cols]^T, reduced over K in BLOCK_K slices."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(A + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(Bm + cols[None, :] * stride_b + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = _dot(a, b, acc, IEEE, UPCAST)
+    return acc
+
+
+@triton.jit
+def _keep(rows, cols, row_ok, col_ok, QG, DG, pos_offset, HAS_GROUPS: tl.constexpr):
+    """(is_positive, kept) masks of a tile: kept = in range and not a same-group non-positive column."""
+    is_pos = cols[None, :] == (rows + pos_offset)[:, None]
+    keep = row_ok[:, None] & col_ok[None, :]
+    if HAS_GROUPS:
+        qg = tl.load(QG + rows, mask=row_ok, other=0)
+        dg = tl.load(DG + cols, mask=col_ok, other=0)
+        keep = keep & ((qg[:, None] != dg[None, :]) | is_pos)
+    return is_pos, keep
+
+
+@triton.autotune(configs=_configs(False), key=["K", "IEEE", "HAS_GROUPS"])
+@triton.jit
+def _fwd_kernel(Q, D, T, QG, DG, LOSS, LSE, DLDT, B, N, K, pos_offset, stride_q, stride_d,
+                HAS_GROUPS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    t = tl.load(T).to(tl.float32)
+    inv_t = 1.0 / t
+    scale = inv_t * LOG2E
+    # finite floor for the running max: a fully masked tile gives exp2(-inf) = 0, never inf - inf = nan
+    m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    w_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        s = _scores(Q, D, rows, cols, row_ok, col_ok, K, stride_q, stride_d, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        is_pos, keep = _keep(rows, cols, row_ok, col_ok, QG, DG, pos_offset, HAS_GROUPS)
+        x = tl.where(keep, s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        alpha = tl.exp2(m_i - m_new)
+        e = tl.exp2(x - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(e, 1)
+        w_i = w_i * alpha + tl.sum(e * s, 1)
+        diag += tl.sum(tl.where(is_pos, s, 0.0), 1)
+        m_i = m_new
+    lse = (m_i + tl.log2(l_i)) * LN2
+    tl.store(LSE + rows, lse, mask=row_ok)
+    tl.store(LOSS + rows, lse - diag * inv_t, mask=row_ok)
+    tl.store(DLDT + rows, (diag - w_i / l_i) * inv_t * inv_t, mask=row_ok)
+
+
+@triton.jit
+def _dscores(s, rows, cols, row_ok, col_ok, QG, DG, LSE, G, B, pos_offset, inv_t,
+             HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """dL/dS tile: (1/t)(g_r[i] P_ij + [j<B] g_c[j] Pc_ij - [j == i+o](g_r[i] + g_c[i])), masked -> 0."""
+    is_pos, keep = _keep(rows, cols, row_ok, col_ok, QG, DG, pos_offset, HAS_GROUPS)
+    x = s * (inv_t * LOG2E)
+    lse_r = tl.load(LSE + rows, mask=row_ok, other=0.0) * LOG2E
+    g_r = tl.load(G + rows, mask=row_ok, other=0.0)
+    p = tl.where(keep, tl.exp2(x - lse_r[:, None]) * g_r[:, None], 0.0)
+    g_diag = g_r
+    if SYMMETRIC:
+        col_c = col_ok & (cols < B)
+        lse_c = tl.load(LSE + B + cols, mask=col_c, other=0.0) * LOG2E
+        g_c = tl.load(G + B + cols, mask=col_c, other=0.0)
+        p += tl.where(keep & col_c[None, :], tl.exp2(x - lse_c[None, :]) * g_c[None, :], 0.0)
+        g_diag += tl.load(G + B + rows, mask=row_ok, other=0.0)
+    p = tl.where(is_pos, p - g_diag[:, None], p)
+    return p * inv_t
+
+
+@triton.autotune(configs=_configs(True), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], reset_to_zero=["DQ"])
+@triton.jit
+def _bwd_dq_kernel(Q, D, T, QG, DG, LSE, G, DQ, B, N, K, pos_offset, stride_q, stride_d,
+                   HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """DQ (B, K) fp32, zero on entry: DQ[rows] = sum over column tiles of dS . D[cols]."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    inv_t = 1.0 / tl.load(T).to(tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        s = _scores(Q, D, rows, cols, row_ok, col_ok, K, stride_q, stride_d, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        ds = _dscores(s, rows, cols, row_ok, col_ok, QG, DG, LSE, G, B, pos_offset, inv_t, HAS_GROUPS, SYMMETRIC)
+        ds = ds.to(D.dtype.element_ty)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            dt = tl.load(D + cols[:, None] * stride_d + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            ptr = DQ + rows[:, None] * K + ks[None, :]
+            io = row_ok[:, None] & k_ok[None, :]
+            acc = tl.load(ptr, mask=io, other=0.0)
+            acc = _dot(ds, dt, acc, IEEE, UPCAST)
+            tl.store(ptr, acc, mask=io)
+
+
+@triton.autotune(configs=_configs(True), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], reset_to_zero=["DD"])
+@triton.jit
+def _bwd_ddocs_kernel(Q, D, T, QG, DG, LSE, G, DD, B, N, K, pos_offset, stride_q, stride_d,
+                      HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """DD (N, K) fp32, zero on entry: DD[cols] = sum over row tiles of dS^T . Q[rows]."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    inv_t = 1.0 / tl.load(T).to(tl.float32)
+    for m0 in range(0, B, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < B
+        s = _scores(Q, D, rows, cols, row_ok, col_ok, K, stride_q, stride_d, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        ds = _dscores(s, rows, cols, row_ok, col_ok, QG, DG, LSE, G, B, pos_offset, inv_t, HAS_GROUPS, SYMMETRIC)
+        ds_t = tl.trans(ds.to(Q.dtype.element_ty))
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            qt = tl.load(Q + rows[:, None] * stride_q + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            ptr = DD + cols[:, None] * K + ks[None, :]
+            io = col_ok[:, None] & k_ok[None, :]
+            acc = tl.load(ptr, mask=io, other=0.0)
+            acc = _dot(ds_t, qt, acc, IEEE, UPCAST)
+            tl.store(ptr, acc, mask=io)

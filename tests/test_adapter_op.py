@@ -1,0 +1,183 @@
+"""The fused bottleneck-adapter ops vs float64 references: forward and every gradient, every backend,
+activation and dtype; odd token counts, padding, non-contiguous inputs, d / r not powers of two."""
+import pytest
+import torch
+
+import effir
+from effir.reference.bottleneck_adapter import (bottleneck_adapter_layernorm_reference,
+                                                bottleneck_adapter_reference)
+from tests._errors import assert_no_worse_than_torch
+
+BACKENDS = ["reference", "recompute", "triton"]
+ACTS = ["relu", "gelu", "silu"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+VARIANTS = ["plain", "ln", "ln_pre"]  # adapter; + residual + LN (Houlsby/parallel); Pfeiffer (seq_bn)
+NAMES = {"plain": ["x", "w_down", "b_down", "w_up", "b_up"],
+         "ln": ["x", "res", "w_down", "b_down", "w_up", "b_up", "ln_weight", "ln_bias"]}
+
+
+def make_inputs(shape, d, r, seed=0):
+    """float64 masters: x / res of `shape` + (d,), adapter and LayerNorm parameters (never zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return dict(x=rn(*shape, d), res=rn(*shape, d), w_down=rn(r, d) / d**0.5, b_down=0.5 * rn(r),
+                w_up=rn(d, r) / r**0.5, b_up=0.5 * rn(d), ln_weight=1 + 0.2 * rn(d), ln_bias=0.2 * rn(d))
+
+
+def run(variant, inputs, dtype, backend, act, scaling=0.7, eps=1e-5, dy=None, transform=None):
+    """Output and gradients (in the order of NAMES) of one variant in `dtype`; backend None: the torch
+    reference itself (float64 master values rounded to `dtype` first)."""
+    names = NAMES["plain" if variant == "plain" else "ln"]
+    leaves = [inputs[n].detach().to(dtype).requires_grad_() for n in names]
+    args = [transform(t) if (transform and i < (1 if variant == "plain" else 2)) else t for i, t in enumerate(leaves)]
+    kw = dict(activation=act, scaling=scaling)
+    if variant == "plain":
+        y = (effir.bottleneck_adapter(*args, **kw, backend=backend) if backend
+             else bottleneck_adapter_reference(*args, **kw))
+    else:
+        kw.update(eps=eps, original_ln_before=variant == "ln_pre")
+        y = (effir.bottleneck_adapter_layernorm(*args, **kw, backend=backend) if backend
+             else bottleneck_adapter_layernorm_reference(*args, **kw))
+    dy = dy if dy is not None else torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+    return y, grads, names, dy
+
+
+def check_all(variant, inputs, dtype, backend, act, transform=None, **kw):
+    y, grads, names, dy = run(variant, inputs, dtype, backend, act, transform=transform, **kw)
+    y64, g64, _, _ = run(variant, inputs, torch.float64, None, act, dy=dy, **kw)
+    yt, gt, _, _ = run(variant, inputs, dtype, None, act, dy=dy, **kw)
+    assert y.dtype == dtype and y.shape == y64.shape
+    assert_no_worse_than_torch(f"{backend}/{variant}/{act}/{dtype} y", y, y64, yt, dtype)
+    for n, a, b, c in zip(names, grads, g64, gt):
+        assert a.dtype == dtype and a.shape == b.shape, n
+        assert_no_worse_than_torch(f"{backend}/{variant}/{act}/{dtype} d{n}", a, b, c, dtype)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_matches_float64(backend, act, dtype, variant):
+    # 2 x 7 tokens (odd), d = 129, r = 48: neither a power of two
+    check_all(variant, make_inputs((2, 7), 129, 48, seed=hash((act, variant)) % 1000), dtype, backend, act)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float64_exact(backend, variant):
+    """In float64 every backend agrees with the reference to float64 rounding."""
+    check_all(variant, make_inputs((5,), 7, 1, seed=3), torch.float64, backend, "gelu")
+
+
+@pytest.mark.parametrize("shape,d,r", [((1,), 384, 48), ((3,), 768, 48), ((1,), 7, 1), ((129,), 7, 1),
+                                       ((2, 3), 129, 1)])
+@pytest.mark.parametrize("backend", ["recompute", "triton"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shapes(backend, variant, shape, d, r):
+    check_all(variant, make_inputs(shape, d, r, seed=d + r), torch.float32, backend, "silu")
+
+
+@pytest.mark.parametrize("backend", ["recompute", "triton"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_non_contiguous_and_padding(backend, variant):
+    """(batch, seq, d) slices of a wider buffer, transposed batch/seq, padded rows: all just rows."""
+    inputs = make_inputs((5, 3), 96, 6, seed=11)  # (seq, batch, d): transposed to (batch, seq, d) below
+    inputs["x"][3:, 1] = 0.0  # padding tokens of sequence 1 (zeros are valid rows too)
+    check_all(variant, inputs, torch.bfloat16, backend, "relu", transform=lambda t: t.transpose(0, 1))
+
+
+@pytest.mark.parametrize("backend", ["recompute", "triton"])
+def test_strided_last_dim(backend):
+    """x = buffer[..., ::2]: not even a stride-1 last dim."""
+    base = torch.randn(4, 3, 2 * 96, dtype=torch.float32)
+    p = make_inputs((1,), 96, 6, seed=5)
+    params = [p[n].float() for n in ("w_down", "b_down", "w_up", "b_up")]
+    x = base[..., ::2]
+    assert not x.is_contiguous()
+    y = effir.bottleneck_adapter(x, *params, activation="gelu", scaling=2.0, backend=backend)
+    ref = bottleneck_adapter_reference(x.double(), *[t.double() for t in params], activation="gelu", scaling=2.0)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["recompute", "triton"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_saves_only_inputs(backend, variant):
+    """The op keeps nothing for backward but its inputs and parameters (Pfeiffer: the sum h + t)."""
+    p = make_inputs((3, 5), 64, 8, seed=2)
+    names = NAMES["plain" if variant == "plain" else "ln"]
+    leaves = [p[n].float().requires_grad_() for n in names]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        if variant == "plain":
+            effir.bottleneck_adapter(*leaves, activation="silu", backend=backend)
+        else:
+            effir.bottleneck_adapter_layernorm(*leaves, activation="silu", original_ln_before=variant == "ln_pre",
+                                               backend=backend)
+    params = {t.data_ptr() for t in leaves[1 if variant == "plain" else 2:]}
+    acts = [t for t in saved if t.data_ptr() not in params]
+    tokens, d = 15, 64
+    expect = {"plain": 1, "ln": 2, "ln_pre": 1}[variant]  # x | h and t | z = h + t
+    assert len(acts) == expect, [tuple(t.shape) for t in acts]
+    assert all(tuple(t.shape) == (tokens, d) for t in acts)
+
+
+def test_triton_backward_deterministic():
+    p = make_inputs((37,), 129, 48, seed=4)
+    outs = [run("ln", p, torch.float32, "triton", "gelu")[1] for _ in range(2)]
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_frozen_layernorm_params_get_no_grad():
+    p = make_inputs((4,), 32, 4, seed=6)
+    h, t = p["x"].float().requires_grad_(), p["res"].float()
+    ws = [p[n].float().requires_grad_() for n in ("w_down", "b_down", "w_up", "b_up")]
+    lw, lb = p["ln_weight"].float(), p["ln_bias"].float()
+    y = effir.bottleneck_adapter_layernorm(h, t, *ws, lw, lb, backend="recompute", original_ln_before=True)
+    y.sum().backward()
+    assert lw.grad is None and lb.grad is None and t.grad is None
+    assert h.grad is not None and all(w.grad is not None for w in ws)
+
+
+def test_torch_compile_fullgraph():
+    p = make_inputs((2, 5), 48, 3, seed=8)
+    x, t = p["x"].float().requires_grad_(), p["res"].float()
+    ws = [p[n].float() for n in ("w_down", "b_down", "w_up", "b_up", "ln_weight", "ln_bias")]
+
+    def f(x, t):
+        y = effir.bottleneck_adapter(x, *ws[:4], activation="gelu", backend="recompute")
+        return effir.bottleneck_adapter_layernorm(y, t, *ws, activation="silu", original_ln_before=True,
+                                                  backend="recompute")
+
+    compiled = torch.compile(f, fullgraph=True)
+    y = compiled(x, t)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    x2 = x.detach().double().requires_grad_()
+    ref = bottleneck_adapter_layernorm_reference(
+        bottleneck_adapter_reference(x2, *[w.double() for w in ws[:4]], activation="gelu"), t.double(),
+        *[w.double() for w in ws], activation="silu", original_ln_before=True)
+    (g64,) = torch.autograd.grad(ref.square().sum(), x2)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs_raise_value_errors():
+    p = make_inputs((3,), 16, 4)
+    x, wd, bd, wu, bu = (p[n].float() for n in NAMES["plain"])
+    with pytest.raises(ValueError, match="w_down"):
+        effir.bottleneck_adapter(x, wd[:, :5], bd, wu, bu)
+    with pytest.raises(ValueError, match="w_up"):
+        effir.bottleneck_adapter(x, wd, bd, wu.t(), bu)
+    with pytest.raises(ValueError, match="b_down.*dtype"):
+        effir.bottleneck_adapter(x, wd, bd.double(), wu, bu)
+    with pytest.raises(ValueError, match="activation"):
+        effir.bottleneck_adapter(x, wd, bd, wu, bu, activation="tanhh")
+    with pytest.raises(ValueError, match="backend"):
+        effir.bottleneck_adapter(x, wd, bd, wu, bu, backend="fast")
+    with pytest.raises(ValueError, match="input_tensor"):
+        effir.bottleneck_adapter_layernorm(x, x[:2], wd, bd, wu, bu, p["ln_weight"].float(), p["ln_bias"].float())
+    with pytest.raises(ValueError, match="ln_weight"):
+        effir.bottleneck_adapter_layernorm(x, x, wd, bd, wu, bu, p["ln_weight"][:3].float(), p["ln_bias"].float())
+    with pytest.raises(RuntimeError, match="cuda"):
+        effir.bottleneck_adapter(x, wd, bd, wu, bu, backend="cuda")

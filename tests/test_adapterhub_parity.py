@@ -1,0 +1,56 @@
+"""effir's injected adapters vs AdapterHub (`adapters` 1.3, peers env): same hidden states and adapter
+gradients for seq_bn / double_seq_bn / par_bn on a random-weight XLM-R, and fewer saved activation bytes."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = ["seq_bn", "double_seq_bn", "par_bn"]
+FP32_ATOL = 1e-5  # hidden states are LayerNorm outputs of size ~1: a few fp32 ulps after 2 layers
+FP32_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def peer_result(peer_python):
+    payload = {"parity": {"configs": CONFIGS, "backends": ["reference", "recompute", "triton"]},
+               "memory": {"configs": CONFIGS, "layers": 12, "hidden": 192, "heads": 4, "intermediate": 768,
+                          "batch": 2, "seq": 32, "backend": "recompute"}}
+    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
+    proc = subprocess.run([str(peer_python), str(REPO / "tests" / "_adapterhub_peer.py"), "all", json.dumps(payload)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("backend", ["reference", "recompute", "triton"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_same_hidden_states_and_grads_as_adapterhub(peer_result, config, backend):
+    r = peer_result["parity"][f"{config}/{backend}"]
+    assert r["hidden_max_abs"] <= FP32_ATOL, r
+    assert r["hidden_max_rel"] <= FP32_RTOL, r
+    assert r["grad_max_rel"] <= 1e-5, r
+    assert r["trainable_effir"] == r["trainable_hub"], r  # same adapter sizes: same r, same placements
+    assert r["backbone_params_with_grad"] == [], r  # the backbone is frozen
+    assert r["n_adapter_tensors"] == (16 if config == "double_seq_bn" else 8)
+
+
+def test_saved_activation_bytes_below_adapterhub(peer_result):
+    """12-layer XLM-R-like encoder, fp32: effir's seq_bn no longer saves the LayerNorm-1 output (adapter input,
+    d-wide), the second LayerNorm's input (d-wide) and the activation output (r-wide), so its training step
+    saves at least layers x tokens x (d + r) x 4 bytes less than AdapterHub's; for double_seq_bn and par_bn
+    (whose fused op keeps its two d-wide inputs) at least the r-wide intermediates."""
+    m = peer_result["memory"]
+    tokens, d, layers = m["tokens"], m["hidden"], m["layers"]
+    r = m["bottleneck/seq_bn"]
+    drop = m["adapterhub/seq_bn"] - m["effir/seq_bn"]
+    assert drop >= layers * tokens * (d + r) * 4, m
+    # the adapted step saves no more than the frozen backbone alone
+    assert m["effir/seq_bn"] <= m["backbone_only"], m
+    r2 = m["bottleneck/double_seq_bn"]
+    assert m["adapterhub/double_seq_bn"] - m["effir/double_seq_bn"] >= 2 * layers * tokens * r2 * 4, m
+    r3 = m["bottleneck/par_bn"]
+    assert m["adapterhub/par_bn"] - m["effir/par_bn"] >= layers * tokens * r3 * 4, m
