@@ -53,6 +53,45 @@ template <typename A> __device__ __forceinline__ A rsqrt_acc(A v) {
   else return 1.0 / sqrt(v);
 }
 
+// C = A (rows x K) . B (K x N) for the CTA's 16-token tile, one warp per n8 column tile (nt = warp, warp + 8,
+// ...), in the m16n8k16 C-fragment layout: lane 4g + t holds rows g, g + 8 and columns 2t, 2t + 1.
+// la(row, k) / lb(k, col) return operands in the accumulation type, zero outside the matrices; epi(row, col, v)
+// consumes each result. fp16/bf16: operands rounded to T (the reference rounds its intermediates the same way)
+// and multiplied on the tensor cores (mma.sync, fp32 accumulation). fp32/fp64: the same layout with exact FMAs.
+template <typename T, typename LA, typename LB, typename EPI>
+__device__ __forceinline__ void warp_gemm16(int K, int N, LA la, LB lb, EPI epi) {
+  using A = acc_t<T>;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  for (int n0 = warp * 8; n0 < N; n0 += NWARP * 8) {
+    A c[4] = {A(0), A(0), A(0), A(0)};
+    if constexpr (is_16bit_v<T>) {
+      for (int k0 = 0; k0 < K; k0 += 16) {
+        const int k = k0 + 2 * t;
+        uint32_t a[4];
+        a[0] = pack2<T>(la(g, k), la(g, k + 1));
+        a[1] = pack2<T>(la(g + 8, k), la(g + 8, k + 1));
+        a[2] = pack2<T>(la(g, k + 8), la(g, k + 9));
+        a[3] = pack2<T>(la(g + 8, k + 8), la(g + 8, k + 9));
+        const uint32_t b0 = pack2<T>(lb(k, n0 + g), lb(k + 1, n0 + g));
+        const uint32_t b1 = pack2<T>(lb(k + 8, n0 + g), lb(k + 9, n0 + g));
+        mma16816<T>(c, a, b0, b1);
+      }
+    } else {
+      for (int k = 0; k < K; ++k) {
+        const A a0 = la(g, k), a1 = la(g + 8, k), b0 = lb(k, n0 + 2 * t), b1 = lb(k, n0 + 2 * t + 1);
+        c[0] += a0 * b0;
+        c[1] += a0 * b1;
+        c[2] += a1 * b0;
+        c[3] += a1 * b1;
+      }
+    }
+    epi(g, n0 + 2 * t, c[0]);
+    epi(g, n0 + 2 * t + 1, c[1]);
+    epi(g + 8, n0 + 2 * t, c[2]);
+    epi(g + 8, n0 + 2 * t + 1, c[3]);
+  }
+}
+
 template <typename T> struct Args {
   using A = acc_t<T>;
   const T *x, *res, *dy, *wd, *bd, *wu, *bu, *lnw, *lnb;
@@ -63,10 +102,11 @@ template <typename T> struct Args {
   A *p_lnw, *p_lnb;                     // backward: per-CTA column partials of the LayerNorm gradients
 };
 
-// Shared memory of one CTA (accumulation type): three d-wide and two r-wide row buffers, plus row stats.
-// Rows are padded by one element: the token-fastest loops then hit distinct banks.
-template <typename A> inline size_t smem_bytes(int TM, int d, int r) {
-  return sizeof(A) * (size_t(TM) * (3 * (d + 1) + 2 * (r + 1)) + 4 * TM);
+// Shared memory of one CTA (accumulation type): two d-wide row buffers (three for LN_BEFORE, which keeps z),
+// two r-wide ones and the row statistics. Rows are padded by one element against bank conflicts.
+inline int n_dbuf(int mode) { return mode == LN_BEFORE ? 3 : 2; }
+template <typename A> inline size_t smem_bytes(int TM, int d, int r, int mode) {
+  return sizeof(A) * (size_t(TM) * (n_dbuf(mode) * (d + 1) + 2 * (r + 1)) + 4 * TM);
 }
 
 // Row statistics (mean, 1/sqrt(var + eps)) of rows [0, TM) of buf, one warp per row, two-pass variance.
@@ -110,16 +150,17 @@ __device__ void adapter_front(const Args<T>& a, int m0, int TMv, acc_t<T>* ain, 
     }
     __syncthreads();
   }
-  // Down-projection: token index fastest, so the lanes of a warp share one weight row (broadcast loads).
-  for (int e = threadIdx.x; e < TMv * r; e += NTHR) {
-    const int j = e / TMv, t = e % TMv;
-    const T* w = a.wd + int64_t(j) * d;
-    const A* xr = ain + t * ldd;
-    A h = to_acc(a.bd[j]);
-    for (int k = 0; k < d; ++k) h += xr[k] * to_acc(w[k]);
-    if (hpre) hpre[t * ldr + j] = h;
-    hact[t * ldr + j] = act_f<A>(h, a.act);
-  }
+  // Down-projection h = ain . Wd^T + bd (tokens x r, K = d).
+  warp_gemm16<T>(
+      d, r, [&](int t, int k) -> A { return (t < TMv && k < d) ? ain[t * ldd + k] : A(0); },
+      [&](int k, int j) -> A { return (k < d && j < r) ? to_acc(a.wd[int64_t(j) * d + k]) : A(0); },
+      [&](int t, int j, A v) {
+        if (t < TMv && j < r) {
+          const A h = v + to_acc(a.bd[j]);
+          if (hpre) hpre[t * ldr + j] = h;
+          hact[t * ldr + j] = act_f<A>(h, a.act);
+        }
+      });
   __syncthreads();
 }
 
@@ -127,14 +168,13 @@ __device__ void adapter_front(const Args<T>& a, int m0, int TMv, acc_t<T>* ain, 
 template <typename T>
 __device__ void adapter_up(const Args<T>& a, int TMv, const acc_t<T>* hact, acc_t<T>* base, int ldd, int ldr) {
   using A = acc_t<T>;
-  for (int e = threadIdx.x; e < TMv * a.d; e += NTHR) {
-    const int c = e / TMv, t = e % TMv;
-    const T* w = a.wu + int64_t(c) * a.r;
-    const A* hr = hact + t * ldr;
-    A f = to_acc(a.bu[c]);
-    for (int j = 0; j < a.r; ++j) f += hr[j] * to_acc(w[j]);
-    base[t * ldd + c] += a.scaling * f;
-  }
+  const int d = a.d, r = a.r;
+  warp_gemm16<T>(
+      r, d, [&](int t, int j) -> A { return (t < TMv && j < r) ? hact[t * ldr + j] : A(0); },
+      [&](int j, int c) -> A { return (j < r && c < d) ? to_acc(a.wu[int64_t(c) * r + j]) : A(0); },
+      [&](int t, int c, A v) {
+        if (t < TMv && c < d) base[t * ldd + c] += a.scaling * (v + to_acc(a.bu[c]));
+      });
   __syncthreads();
 }
 
@@ -144,8 +184,8 @@ template <typename T> __global__ void __launch_bounds__(NTHR) adapter_fwd_kernel
   const int TM = a.TM, d = a.d, r = a.r, ldd = d + 1, ldr = r + 1;
   A* ain = reinterpret_cast<A*>(smem_raw);
   A* base = ain + TM * ldd;
-  A* zbuf = base + TM * ldd;
-  A* hact = zbuf + TM * ldd;
+  A* zbuf = base + TM * ldd;  // LN_BEFORE only
+  A* hact = ain + (a.mode == LN_BEFORE ? 3 : 2) * TM * ldd;
   A* hpre = hact + TM * ldr;  // unused in forward (kept for one layout)
   A* st = hpre + TM * ldr;    // mean_v, rstd_v, mean_z, rstd_z
   const int m0 = blockIdx.x * TM, TMv = min(TM, a.M - m0);
@@ -207,8 +247,8 @@ template <typename T> __global__ void __launch_bounds__(NTHR) adapter_bwd_kernel
   const int TM = a.TM, d = a.d, r = a.r, ldd = d + 1, ldr = r + 1;
   A* ain = reinterpret_cast<A*>(smem_raw);
   A* base = ain + TM * ldd;
-  A* zbuf = base + TM * ldd;
-  A* hact = zbuf + TM * ldd;
+  A* zbuf = base + TM * ldd;  // LN_BEFORE only
+  A* hact = ain + (a.mode == LN_BEFORE ? 3 : 2) * TM * ldd;
   A* hpre = hact + TM * ldr;
   A* st = hpre + TM * ldr;
   const int m0 = blockIdx.x * TM, TMv = min(TM, a.M - m0);
@@ -248,26 +288,28 @@ template <typename T> __global__ void __launch_bounds__(NTHR) adapter_bwd_kernel
       }
     }
   }
-  // dh = s (dv Wu) * act'(h), in place of hpre.
-  for (int e = threadIdx.x; e < TMv * r; e += NTHR) {
-    const int j = e / TMv, t = e % TMv;
-    const A* dvr = base + t * ldd;
-    A g = 0;
-    for (int c = 0; c < d; ++c) g += dvr[c] * to_acc(a.wu[int64_t(c) * r + j]);
-    const A dh = a.scaling * g * act_df<A>(hpre[t * ldr + j], a.act);
-    hpre[t * ldr + j] = dh;
-    a.s_dh[int64_t(m0 + t) * r + j] = from_acc<T, A>(dh);
-  }
+  // dh = s (dv . Wu) * act'(h) (tokens x r, K = d), in place of hpre: each element is read, then written,
+  // by the one lane that owns it.
+  warp_gemm16<T>(
+      d, r, [&](int t, int c) -> A { return (t < TMv && c < d) ? base[t * ldd + c] : A(0); },
+      [&](int c, int j) -> A { return (c < d && j < r) ? to_acc(a.wu[int64_t(c) * r + j]) : A(0); },
+      [&](int t, int j, A v) {
+        if (t < TMv && j < r) {
+          const A dh = a.scaling * v * act_df<A>(hpre[t * ldr + j], a.act);
+          hpre[t * ldr + j] = dh;
+          a.s_dh[int64_t(m0 + t) * r + j] = from_acc<T, A>(dh);
+        }
+      });
   __syncthreads();
   // da_in = dh Wd: added to dv (dx = dv + da_in) or, for LN_BEFORE, kept for the first LayerNorm's backward.
   A* dain = (a.mode == LN_BEFORE) ? ain : base;
-  for (int e = threadIdx.x; e < TMv * d; e += NTHR) {
-    const int c = e / TMv, t = e % TMv;
-    const A* dhr = hpre + t * ldr;
-    A g = 0;
-    for (int j = 0; j < r; ++j) g += dhr[j] * to_acc(a.wd[int64_t(j) * d + c]);
-    dain[t * ldd + c] = (a.mode == LN_BEFORE) ? g : dain[t * ldd + c] + g;
-  }
+  const bool add = a.mode != LN_BEFORE;
+  warp_gemm16<T>(
+      r, d, [&](int t, int j) -> A { return (t < TMv && j < r) ? hpre[t * ldr + j] : A(0); },
+      [&](int j, int c) -> A { return (j < r && c < d) ? to_acc(a.wd[int64_t(j) * d + c]) : A(0); },
+      [&](int t, int c, A v) {
+        if (t < TMv && c < d) dain[t * ldd + c] = add ? dain[t * ldd + c] + v : v;
+      });
   __syncthreads();
   if (a.mode == LN_BEFORE)  // dz = dv + LN_backward(da_in) w.r.t. z: base += ...
     ln_backward<T>(a, TMv, ain, false, m0, zbuf, st + 2 * TM, st + 3 * TM, base, true, pw, pb, false, ldd);
@@ -295,14 +337,14 @@ int act_code(const std::string& s) {
 
 struct Plan { int TM, tiles; size_t smem; };
 
-template <typename A> Plan plan_for(int64_t M, int d, int r) {
+template <typename A> Plan plan_for(int64_t M, int d, int r, int mode) {
   const size_t budget = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  const size_t one = smem_bytes<A>(1, d, r);
+  const size_t one = smem_bytes<A>(1, d, r, mode);
   TORCH_CHECK(one <= budget, "effir_C.adapter: hidden size d=", d, " / bottleneck r=", r,
               " need more shared memory per token than this GPU has; use backend='triton' or 'recompute'");
   int TM = 1;
-  while (TM < TM_MAX && smem_bytes<A>(TM + 1, d, r) <= budget) ++TM;
-  return Plan{TM, ceil_div(M, TM), smem_bytes<A>(TM, d, r)};
+  while (TM < TM_MAX && smem_bytes<A>(TM + 1, d, r, mode) <= budget) ++TM;
+  return Plan{TM, ceil_div(M, TM), smem_bytes<A>(TM, d, r, mode)};
 }
 
 template <typename T> T* dptr(const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; }
@@ -317,8 +359,8 @@ void check_common(const at::Tensor& x, const at::Tensor& wd, const at::Tensor& b
   for (const auto* t : {&wd, &bd, &wu, &bu})
     TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
                 "effir_C.adapter: parameters must share x's dtype and device");
-  TORCH_CHECK(x.size(0) >= 1 && d >= 1 && r >= 1 && x.size(0) * std::max<int64_t>(d, r) < (int64_t(1) << 62),
-              "effir_C.adapter: empty input");
+  TORCH_CHECK(x.size(0) >= 1 && d >= 1 && r >= 1, "effir_C.adapter: empty input");
+  TORCH_CHECK(x.size(0) < (int64_t(1) << 31) && d < (1 << 20), "effir_C.adapter: too many tokens or too wide");
 }
 
 // Launch forward (y defined) or backward (dy defined); mode as above.
@@ -337,7 +379,7 @@ at::Tensor run_fwd(const at::Tensor& x_, const at::Tensor& res_, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effir_adapter_fwd", [&] {
     using T = typename DevType<scalar_t>::type;
     using A = acc_t<T>;
-    const Plan p = plan_for<A>(M, d, r);
+    const Plan p = plan_for<A>(M, d, r, mode);
     Args<T> a{};
     a.x = dptr<const T>(x); a.res = dptr<const T>(res); a.wd = dptr<const T>(wd); a.bd = dptr<const T>(bd);
     a.wu = dptr<const T>(wu); a.bu = dptr<const T>(bu); a.lnw = dptr<const T>(lnw); a.lnb = dptr<const T>(lnb);
@@ -377,7 +419,7 @@ std::vector<at::Tensor> run_bwd(const at::Tensor& dy_, const at::Tensor& x_, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effir_adapter_bwd", [&] {
     using T = typename DevType<scalar_t>::type;
     using A = acc_t<T>;
-    const Plan p = plan_for<A>(M, d, r);
+    const Plan p = plan_for<A>(M, d, r, mode);
     const auto acc_dtype = std::is_same_v<A, double> ? at::kDouble : at::kFloat;
     if (ln) {
       p_lnw = at::empty({p.tiles, d}, x.options().dtype(acc_dtype));

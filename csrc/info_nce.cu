@@ -222,7 +222,8 @@ __global__ void __launch_bounds__(NTHR) lse_kernel(const T* __restrict__ q, cons
 template <typename T, bool ROWS_Q, int DCH>
 __global__ void __launch_bounds__(NTHR) grad_kernel(const T* __restrict__ q, const T* __restrict__ docs, Problem P,
                                                     bool vec, const float* __restrict__ lse,
-                                                    const float* __restrict__ gl, bool sym, T* __restrict__ out) {
+                                                    const float* __restrict__ gl, const float* __restrict__ gmax,
+                                                    bool sym, T* __restrict__ out) {
   __shared__ __align__(16) unsigned char smem[Lay<T>::BYTES];
   constexpr int LDD = Lay<T>::LDD;
   T* Xs = reinterpret_cast<T*>(smem);
@@ -236,6 +237,10 @@ __global__ void __launch_bounds__(NTHR) grad_kernel(const T* __restrict__ q, con
   const int r0 = blockIdx.x * BM, dc0 = blockIdx.y * DCH;
   const float inv_t = 1.f / __ldg(P.temperature);
   const bool groups = P.qg != nullptr;
+  // 16-bit dS is scaled by 1 / max|grad_loss| before rounding: with a mean reduction grad_loss ~ 1/B, which
+  // fp16 would flush towards its subnormals. Undone in fp32 at the store. fp32 needs no scaling.
+  const float gm = is_16bit_v<T> ? __ldg(gmax) : 1.f;
+  const float ds_scale = gm > 0.f ? 1.f / gm : 1.f, out_scale = inv_t * (gm > 0.f ? gm : 1.f);
 
   int row[2];
   int64_t rgrp[2];
@@ -269,7 +274,7 @@ __global__ void __launch_bounds__(NTHR) grad_kernel(const T* __restrict__ q, con
           }
           if (pos) v -= __ldg(gl + i) + (sym ? __ldg(gl + B + i) : 0.f);
         }
-        s[nt][e] = v;
+        s[nt][e] = v * ds_scale;
       }
     }
 
@@ -341,16 +346,22 @@ __global__ void __launch_bounds__(NTHR) grad_kernel(const T* __restrict__ q, con
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int rr = row[e >> 1], dim = dc0 + n * 8 + 2 * t + (e & 1);
-      if (rr < nrows && dim < d) out[(int64_t)rr * d + dim] = from_acc<T, float>(acc[n][e] * inv_t);
+      if (rr < nrows && dim < d) out[(int64_t)rr * d + dim] = from_acc<T, float>(acc[n][e] * out_scale);
     }
   }
 }
 
 // ---------------------------------------------------------------- host side
 
-template <typename T> struct DevType { using type = T; };
-template <> struct DevType<at::Half> { using type = __half; };
-template <> struct DevType<at::BFloat16> { using type = __nv_bfloat16; };
+// fp32 / fp16 / bf16 only (float64 is the 'chunked' backend's): f is called with a value of the device type.
+template <typename F> void dispatch_16_32(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, "effir_C.info_nce: dtype must be float32, float16 or bfloat16, got ", st);
+  }
+}
 
 void check_inputs(const at::Tensor& q, const at::Tensor& docs, const at::Tensor& temperature,
                   const std::optional<at::Tensor>& qg, const std::optional<at::Tensor>& dg) {
@@ -413,33 +424,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd(const at::Tensor& q_
   const bool vec = vec_ok(q, docs);
   auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(ceil_div(P.B, BM));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "effir_info_nce_fwd", [&] {
-    using T = typename DevType<scalar_t>::type;
-    const T* qp = reinterpret_cast<const T*>(q.data_ptr<scalar_t>());
-    const T* dp = reinterpret_cast<const T*>(docs.data_ptr<scalar_t>());
-    if constexpr (!std::is_same_v<T, double>) {
-      lse_kernel<T, true><<<grid, NTHR, 0, stream>>>(qp, dp, P, vec, loss.data_ptr<float>(), lse.data_ptr<float>(),
-                                                     dldt.data_ptr<float>());
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    const T* qp = reinterpret_cast<const T*>(q.data_ptr());
+    const T* dp = reinterpret_cast<const T*>(docs.data_ptr());
+    lse_kernel<T, true><<<grid, NTHR, 0, stream>>>(qp, dp, P, vec, loss.data_ptr<float>(), lse.data_ptr<float>(),
+                                                   dldt.data_ptr<float>());
+    EFFIR_CHECK_LAUNCH();
+    if (symmetric) {
+      lse_kernel<T, false><<<grid, NTHR, 0, stream>>>(qp, dp, P, vec, loss.data_ptr<float>() + P.B,
+                                                      lse.data_ptr<float>() + P.B, dldt.data_ptr<float>() + P.B);
       EFFIR_CHECK_LAUNCH();
-      if (symmetric) {
-        lse_kernel<T, false><<<grid, NTHR, 0, stream>>>(qp, dp, P, vec, loss.data_ptr<float>() + P.B,
-                                                        lse.data_ptr<float>() + P.B, dldt.data_ptr<float>() + P.B);
-        EFFIR_CHECK_LAUNCH();
-      }
-    } else {
-      TORCH_CHECK(false, "effir_C.info_nce: float64 is served by the 'chunked' backend");
     }
-  });
+  };
+  dispatch_16_32(q.scalar_type(), launch);
   return {loss, lse, dldt};
 }
 
 template <typename T, int DCH>
-void launch_grad(const T* qp, const T* dp, const Problem& P, bool vec, const float* lse, const float* gl, bool sym,
-                 T* dq, T* ddocs, cudaStream_t stream) {
+void launch_grad(const T* qp, const T* dp, const Problem& P, bool vec, const float* lse, const float* gl,
+                 const float* gmax, bool sym, T* dq, T* ddocs, cudaStream_t stream) {
   const int ny = ceil_div(P.d, DCH);
-  grad_kernel<T, true, DCH><<<dim3(ceil_div(P.B, BM), ny), NTHR, 0, stream>>>(qp, dp, P, vec, lse, gl, sym, dq);
+  grad_kernel<T, true, DCH><<<dim3(ceil_div(P.B, BM), ny), NTHR, 0, stream>>>(qp, dp, P, vec, lse, gl, gmax, sym, dq);
   EFFIR_CHECK_LAUNCH();
-  grad_kernel<T, false, DCH><<<dim3(ceil_div(P.N, BM), ny), NTHR, 0, stream>>>(qp, dp, P, vec, lse, gl, sym, ddocs);
+  grad_kernel<T, false, DCH><<<dim3(ceil_div(P.N, BM), ny), NTHR, 0, stream>>>(qp, dp, P, vec, lse, gl, gmax, sym, ddocs);
   EFFIR_CHECK_LAUNCH();
 }
 
@@ -461,26 +469,25 @@ std::tuple<at::Tensor, at::Tensor> info_nce_bwd(const at::Tensor& q_, const at::
   TORCH_CHECK(!sym || pos_offset == 0, "effir_C.info_nce: symmetric needs pos_offset == 0");
   const auto lse = lse_.to(at::kFloat).contiguous(), gl = grad_loss_.to(at::kFloat).contiguous();
   auto dq = at::empty_like(q), ddocs = at::empty_like(docs);
+  const auto gmax = gl.abs().amax();  // stays on the device: read by the kernels, no host sync
   const bool vec = vec_ok(q, docs);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "effir_info_nce_bwd", [&] {
-    using T = typename DevType<scalar_t>::type;
-    if constexpr (!std::is_same_v<T, double>) {
-      const T* qp = reinterpret_cast<const T*>(q.data_ptr<scalar_t>());
-      const T* dp = reinterpret_cast<const T*>(docs.data_ptr<scalar_t>());
-      T* dqp = reinterpret_cast<T*>(dq.data_ptr<scalar_t>());
-      T* ddp = reinterpret_cast<T*>(ddocs.data_ptr<scalar_t>());
-      const float* lp = lse.data_ptr<float>();
-      const float* gp = gl.data_ptr<float>();
-      // Accumulator width: the whole of d when it fits in registers (one score recompute per row block),
-      // else 256-wide slices of d over blockIdx.y (each slice recomputes the scores).
-      if (P.d <= 64) launch_grad<T, 64>(qp, dp, P, vec, lp, gp, sym, dqp, ddp, stream);
-      else if (P.d <= 128) launch_grad<T, 128>(qp, dp, P, vec, lp, gp, sym, dqp, ddp, stream);
-      else launch_grad<T, 256>(qp, dp, P, vec, lp, gp, sym, dqp, ddp, stream);
-    } else {
-      TORCH_CHECK(false, "effir_C.info_nce: float64 is served by the 'chunked' backend");
-    }
-  });
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    const T* qp = reinterpret_cast<const T*>(q.data_ptr());
+    const T* dp = reinterpret_cast<const T*>(docs.data_ptr());
+    T* dqp = reinterpret_cast<T*>(dq.data_ptr());
+    T* ddp = reinterpret_cast<T*>(ddocs.data_ptr());
+    const float* lp = lse.data_ptr<float>();
+    const float* gp = gl.data_ptr<float>();
+    const float* gm = gmax.data_ptr<float>();
+    // Accumulator width: the whole of d when it fits in registers (one score recompute per row block),
+    // else 256-wide slices of d over blockIdx.y (each slice recomputes the scores).
+    if (P.d <= 64) launch_grad<T, 64>(qp, dp, P, vec, lp, gp, gm, sym, dqp, ddp, stream);
+    else if (P.d <= 128) launch_grad<T, 128>(qp, dp, P, vec, lp, gp, gm, sym, dqp, ddp, stream);
+    else launch_grad<T, 256>(qp, dp, P, vec, lp, gp, gm, sym, dqp, ddp, stream);
+  };
+  dispatch_16_32(q.scalar_type(), launch);
   return {dq, ddocs};
 }
 

@@ -3,14 +3,17 @@
 One kernel family covers three variants through constexpr flags (z = x + res when HAS_RES):
   plain              y = x + s*f(x)                                  (HAS_RES=0, PRE_LN=0, POST_LN=0)
   Houlsby / parallel y = LN(x + s*f(x) + res)                        (HAS_RES=1, PRE_LN=0, POST_LN=1)
-  Pfeiffer (seq_bn)  y = LN(z + s*f(LN(z)))                          (HAS_RES=1, PRE_LN=1, POST_LN=1)
+  Pfeiffer (seq_bn)  y = LN(z + s*f(LN(z)))       (PRE_LN=1, POST_LN=1; ops pass x = z, HAS_RES=0)
 with f(u) = act(u @ Wdᵀ + bd) @ Wuᵀ + bu and one LayerNorm (weight, bias) used for both LNs.
 
-Forward: one program per BLOCK_M rows holds the full rows in registers, reads x (and res) once, keeps
-the r-wide intermediate on chip, writes y once.
+Forward: one program per BLOCK_M rows walks the row block in d-chunks of BLOCK_K columns: it accumulates
+the r-wide pre-activation a = u @ Wdᵀ on chip, then (post-LN) the row statistics of v = z + s*(act(a) @ Wuᵀ + bu)
+in two passes, then writes y chunk by chunk. The chunk re-reads hit L1/L2 (a row block is a few tens of KB),
+so HBM sees x (and res) read once and y written once; shared-memory operands are (BLOCK_K, BLOCK_R) weight
+chunks whatever d is. LayerNorm statistics use two passes (mean, then centred variance), in fp32 (fp64).
 Backward, no atomics, deterministic:
-  1. `_bwd_rows_kernel` (one program per BLOCK_M rows) recomputes the forward, writes dx (and dres),
-     the r-wide act(a) and d(a) rows and six per-row LayerNorm scalars.
+  1. `_bwd_rows_kernel` (one program per BLOCK_M rows) recomputes the forward the same way, writes dx (and
+     dres), the r-wide act(a) and d(a) rows and six per-row LayerNorm scalars (tiny side buffers).
   2. `_bwd_params_kernel` (grid: d-chunks x row splits) accumulates the parameter gradients of its
      d-chunk over its row range in fp32 registers and writes one partial per split; the launcher sums
      the partials over splits in a fixed order.
@@ -66,120 +69,211 @@ def _act_grad(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _ln_stats(v, cmask, D, eps):
-    # masked row statistics over the first D columns (padding columns hold zeros)
-    mean = tl.sum(v, axis=1) / D
-    diff = tl.where(cmask[None, :], v - mean[:, None], 0.0)
-    var = tl.sum(diff * diff, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
-    return mean, rstd, diff * rstd[:, None]
+def _load_z(X, RES, rows, rmask, k0, D, BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, CDT: tl.constexpr):
+    """(z chunk (BLOCK_M, BLOCK_K) in CDT with zeros outside, x chunk, cols, mask, offsets)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    mask = rmask[:, None] & (cols < D)[None, :]
+    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(CDT)
+    z = x
+    if HAS_RES:
+        z = z + tl.load(RES + offs, mask=mask, other=0.0).to(CDT)
+    return z, x, cols, mask, offs
+
+
+@triton.jit
+def _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN: tl.constexpr, CDT: tl.constexpr):
+    """Adapter input chunk: LN(z) (Pfeiffer) or x; also uhat (normalised z, zero outside)."""
+    if PRE_LN:
+        w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
+        b = tl.load(LNB + cols, mask=cols < D, other=0.0).to(CDT)
+        uhat = tl.where(mask, (z - mean1[:, None]) * rstd1[:, None], 0.0)
+        return uhat * w[None, :] + tl.where(mask, b[None, :], 0.0), uhat
+    else:
+        return x, x
+
+
+@triton.jit
+def _v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT: tl.constexpr, IEEE: tl.constexpr):
+    """v chunk = z + scaling * (h @ Wuᵀ + bu) over the chunk's columns (zero outside)."""
+    wut = tl.load(WU + cols[None, :] * R + rr[:, None], mask=(cols < D)[None, :] & (rr < R)[:, None], other=0.0)
+    bu = tl.load(BU + cols, mask=cols < D, other=0.0).to(CDT)
+    p = _mm(h.to(wut.dtype), wut, IEEE).to(CDT) + bu[None, :]
+    return tl.where(mask, z + scaling * p, 0.0)
+
+
+@triton.jit
+def _row_stats(X, RES, rows, rmask, D, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+               HAS_RES: tl.constexpr, CDT: tl.constexpr):
+    """(mean, rstd) of z over the row, two passes over the chunks (no E[z²]-mean² cancellation)."""
+    acc = tl.zeros((BLOCK_M,), dtype=CDT)
+    for k0 in range(0, D, BLOCK_K):
+        z, _x, _c, _m, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        acc += tl.sum(z, axis=1)
+    mean = acc / D
+    acc2 = tl.zeros((BLOCK_M,), dtype=CDT)
+    for k0 in range(0, D, BLOCK_K):
+        z, _x, _c, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        dz = tl.where(mask, z - mean[:, None], 0.0)
+        acc2 += tl.sum(dz * dz, axis=1)
+    return mean, 1.0 / tl.sqrt(acc2 / D + eps)
+
+
+@triton.jit
+def _recompute_h(X, RES, WD, BD, LNW, LNB, rows, rmask, rr, D, R, eps, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                 PRE_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr):
+    """(a, act(a), mean1, rstd1): the r-wide pre-activation, accumulated over d-chunks, on chip."""
+    if PRE_LN:
+        mean1, rstd1 = _row_stats(X, RES, rows, rmask, D, eps, BLOCK_M, BLOCK_K, HAS_RES, CDT)
+    else:
+        mean1 = tl.zeros((BLOCK_M,), dtype=CDT)
+        rstd1 = mean1
+    a = tl.zeros((BLOCK_M, BLOCK_R), dtype=CDT)
+    for k0 in range(0, D, BLOCK_K):
+        z, x, cols, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        u, _uh = _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN, CDT)
+        # Wdᵀ chunk (BLOCK_K, BLOCK_R) of w_down (R, D); padding is zero so it adds nothing
+        wdt = tl.load(WD + rr[None, :] * D + cols[:, None], mask=(rr < R)[None, :] & (cols < D)[:, None], other=0.0)
+        a += _mm(u.to(wdt.dtype), wdt, IEEE).to(CDT)
+    a += tl.load(BD + rr, mask=rr < R, other=0.0).to(CDT)[None, :]
+    return a, _act(a, ACT), mean1, rstd1
+
+
+@triton.jit
+def _post_stats(X, RES, WU, BU, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M: tl.constexpr,
+                BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr):
+    """(mean2, rstd2) of v = z + s*p over the row (two passes, p recomputed per chunk)."""
+    acc = tl.zeros((BLOCK_M,), dtype=CDT)
+    for k0 in range(0, D, BLOCK_K):
+        z, _x, cols, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        acc += tl.sum(_v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT, IEEE), axis=1)
+    mean2 = acc / D
+    acc2 = tl.zeros((BLOCK_M,), dtype=CDT)
+    for k0 in range(0, D, BLOCK_K):
+        z, _x, cols, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        v = _v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT, IEEE)
+        dv = tl.where(mask, v - mean2[:, None], 0.0)
+        acc2 += tl.sum(dv * dv, axis=1)
+    return mean2, 1.0 / tl.sqrt(acc2 / D + eps)
 
 
 @triton.jit
 def _fwd_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, Y, M, D, R, scaling, eps,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
-                HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr, CDT: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
+                HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
+                CDT: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
     rr = tl.arange(0, BLOCK_R)
     rmask = rows < M
-    cmask = cols < D
-    qmask = rr < R
-    mask = rmask[:, None] & cmask[None, :]
-    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0).to(CDT)
-    z = x
-    if HAS_RES:
-        z = z + tl.load(RES + offs, mask=mask, other=0.0).to(x.dtype)
-    if PRE_LN or POST_LN:
-        lnw = tl.load(LNW + cols, mask=cmask, other=0.0).to(x.dtype)
-        lnb = tl.load(LNB + cols, mask=cmask, other=0.0).to(x.dtype)
-    if PRE_LN:
-        _m1, _r1, uhat = _ln_stats(z, cmask, D, eps)
-        u = uhat * lnw[None, :] + lnb[None, :]
-    else:
-        u = x
-    # Wdᵀ tile (BLOCK_D, BLOCK_R) from w_down (R, D) row-major; padding is zero so it adds nothing
-    wdt = tl.load(WD + rr[None, :] * D + cols[:, None], mask=qmask[None, :] & cmask[:, None], other=0.0)
-    bd = tl.load(BD + rr, mask=qmask, other=0.0).to(x.dtype)
-    a = _mm(u.to(wdt.dtype), wdt, IEEE).to(x.dtype) + bd[None, :]
-    h = _act(a, ACT)
-    # Wuᵀ tile (BLOCK_R, BLOCK_D) from w_up (D, R) row-major
-    wut = tl.load(WU + cols[None, :] * R + rr[:, None], mask=cmask[None, :] & qmask[:, None], other=0.0)
-    bu = tl.load(BU + cols, mask=cmask, other=0.0).to(x.dtype)
-    p = _mm(h.to(wut.dtype), wut, IEEE).to(x.dtype) + bu[None, :]
-    v = z + scaling * p
+    _a, h, _m1, _r1 = _recompute_h(X, RES, WD, BD, LNW, LNB, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
+                                   BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE)
     if POST_LN:
-        _m2, _r2, vhat = _ln_stats(tl.where(cmask[None, :], v, 0.0), cmask, D, eps)
-        v = vhat * lnw[None, :] + lnb[None, :]
-    tl.store(Y + offs, v.to(Y.dtype.element_ty), mask=mask)
+        mean2, rstd2 = _post_stats(X, RES, WU, BU, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M, BLOCK_K,
+                                   HAS_RES, CDT, IEEE)
+    # the row block's chunks were just read: these re-reads hit L1/L2, HBM sees x (and res) once
+    for k0 in range(0, D, BLOCK_K):
+        z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        v = _v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT, IEEE)
+        if POST_LN:
+            w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
+            b = tl.load(LNB + cols, mask=cols < D, other=0.0).to(CDT)
+            v = (v - mean2[:, None]) * rstd2[:, None] * w[None, :] + b[None, :]
+        tl.store(Y + offs, v.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
+              POST_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr):
+    """(dv, vhat, g) chunk: the gradient reaching v = z + s*p through the LayerNorm (or dy itself)."""
+    if POST_LN:
+        v = _v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT, IEEE)
+        vhat = tl.where(mask, (v - mean2[:, None]) * rstd2[:, None], 0.0)
+        w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
+        g = dy * w[None, :]
+        dv = tl.where(mask, (g - c1[:, None] - vhat * c2[:, None]) * rstd2[:, None], 0.0)
+        return dv, vhat, g
+    else:
+        return dy, dy, dy
 
 
 @triton.jit
 def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF, STATS, M, D, R, scaling, eps,
-                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
-                     HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr, CDT: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
+                     HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
+                     CDT: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
     rr = tl.arange(0, BLOCK_R)
     rmask = rows < M
-    cmask = cols < D
     qmask = rr < R
-    mask = rmask[:, None] & cmask[None, :]
-    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0).to(CDT)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(x.dtype)
-    z = x
-    if HAS_RES:
-        z = z + tl.load(RES + offs, mask=mask, other=0.0).to(x.dtype)
-    if PRE_LN or POST_LN:
-        lnw = tl.load(LNW + cols, mask=cmask, other=0.0).to(x.dtype)
-        lnb = tl.load(LNB + cols, mask=cmask, other=0.0).to(x.dtype)
     # recompute the forward (nothing but the inputs was saved)
-    if PRE_LN:
-        mean1, rstd1, uhat = _ln_stats(z, cmask, D, eps)
-        u = uhat * lnw[None, :] + lnb[None, :]
-    else:
-        u = x
-    wdt = tl.load(WD + rr[None, :] * D + cols[:, None], mask=qmask[None, :] & cmask[:, None], other=0.0)
-    bd = tl.load(BD + rr, mask=qmask, other=0.0).to(x.dtype)
-    a = _mm(u.to(wdt.dtype), wdt, IEEE).to(x.dtype) + bd[None, :]
-    h = _act(a, ACT)
+    a, h, mean1, rstd1 = _recompute_h(X, RES, WD, BD, LNW, LNB, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
+                                      BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE)
+    mean2 = tl.zeros((BLOCK_M,), dtype=CDT)
+    rstd2 = mean2
+    c1 = mean2
+    c2 = mean2
     if POST_LN:
-        wut = tl.load(WU + cols[None, :] * R + rr[:, None], mask=cmask[None, :] & qmask[:, None], other=0.0)
-        bu = tl.load(BU + cols, mask=cmask, other=0.0).to(x.dtype)
-        p = _mm(h.to(wut.dtype), wut, IEEE).to(x.dtype) + bu[None, :]
-        v = tl.where(cmask[None, :], z + scaling * p, 0.0)
-        mean2, rstd2, vhat = _ln_stats(v, cmask, D, eps)
-        g = dy * lnw[None, :]
-        c1 = tl.sum(g, axis=1) / D
-        c2 = tl.sum(g * vhat, axis=1) / D
-        dv = tl.where(cmask[None, :], (g - c1[:, None] - vhat * c2[:, None]) * rstd2[:, None], 0.0)
-    else:
-        dv = dy
-    dp = scaling * dv
-    # dh = dp @ Wu ; Wu tile (BLOCK_D, BLOCK_R)
-    wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=cmask[:, None] & qmask[None, :], other=0.0)
-    dh = _mm(dp.to(wu.dtype), wu, IEEE).to(x.dtype)
+        mean2, rstd2 = _post_stats(X, RES, WU, BU, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M, BLOCK_K,
+                                   HAS_RES, CDT, IEEE)
+        s1 = tl.zeros((BLOCK_M,), dtype=CDT)
+        s2 = tl.zeros((BLOCK_M,), dtype=CDT)
+        for k0 in range(0, D, BLOCK_K):
+            z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
+            _dv, vhat, g = _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
+                                     POST_LN, CDT, IEEE)
+            s1 += tl.sum(g, axis=1)
+            s2 += tl.sum(g * vhat, axis=1)
+        c1 = s1 / D
+        c2 = s2 / D
+    # dh = dp @ Wu over d-chunks; dp = scaling * dv
+    dh = tl.zeros((BLOCK_M, BLOCK_R), dtype=CDT)
+    for k0 in range(0, D, BLOCK_K):
+        z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
+        dv, _vh, _g = _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
+                                POST_LN, CDT, IEEE)
+        wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=(cols < D)[:, None] & qmask[None, :], other=0.0)
+        dh += _mm((scaling * dv).to(wu.dtype), wu, IEEE).to(CDT)
     da = dh * _act_grad(a, ACT)
-    # du = da @ Wd ; Wd tile (BLOCK_R, BLOCK_D)
-    wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & cmask[None, :], other=0.0)
-    du = _mm(da.to(wd.dtype), wd, IEEE).to(x.dtype)
-    if PRE_LN:
-        g1 = du * lnw[None, :]
-        e1 = tl.sum(g1, axis=1) / D
-        e2 = tl.sum(g1 * uhat, axis=1) / D
-        dz = dv + tl.where(cmask[None, :], (g1 - e1[:, None] - uhat * e2[:, None]) * rstd1[:, None], 0.0)
-        dx = dz
-        dres = dz
-    else:
-        dx = dv + du
-        dres = dv
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-    if HAS_RES:
-        tl.store(DRES + offs, dres.to(DRES.dtype.element_ty), mask=mask)
+    e1 = tl.zeros((BLOCK_M,), dtype=CDT)
+    e2 = e1
+    if PRE_LN:  # LayerNorm-1 backward needs row sums of g1 = du * w and g1 * uhat
+        s1 = tl.zeros((BLOCK_M,), dtype=CDT)
+        s2 = tl.zeros((BLOCK_M,), dtype=CDT)
+        for k0 in range(0, D, BLOCK_K):
+            z, x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+            _u, uhat = _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN, CDT)
+            wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :], other=0.0)
+            du = _mm(da.to(wd.dtype), wd, IEEE).to(CDT)
+            w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
+            g1 = du * w[None, :]
+            s1 += tl.sum(g1, axis=1)
+            s2 += tl.sum(g1 * uhat, axis=1)
+        e1 = s1 / D
+        e2 = s2 / D
+    for k0 in range(0, D, BLOCK_K):
+        z, x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
+        dv, _vh, _g = _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
+                                POST_LN, CDT, IEEE)
+        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :], other=0.0)
+        du = _mm(da.to(wd.dtype), wd, IEEE).to(CDT)
+        if PRE_LN:
+            _u, uhat = _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN, CDT)
+            w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
+            dz = dv + tl.where(mask, (du * w[None, :] - e1[:, None] - uhat * e2[:, None]) * rstd1[:, None], 0.0)
+            dx = dz
+            dres = dz
+        else:
+            dx = dv + du
+            dres = dv
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_RES:
+            tl.store(DRES + offs, dres.to(DRES.dtype.element_ty), mask=mask)
     roffs = rows[:, None].to(tl.int64) * R + rr[None, :]
     rqmask = rmask[:, None] & qmask[None, :]
     tl.store(HBUF + roffs, h, mask=rqmask)
@@ -198,7 +292,8 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
 def _bwd_params_kernel(DY, X, RES, WD, WU, BU, LNW, LNB, HBUF, DABUF, STATS,
                        PWD, PBD, PWU, PBU, PLNW, PLNB, M, D, R, rows_per_split, scaling,
                        BLOCK_M: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_R: tl.constexpr,
-                       HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr, CDT: tl.constexpr):
+                       HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
+                       CDT: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_d * BLOCK_DC + tl.arange(0, BLOCK_DC)
@@ -278,12 +373,16 @@ def _bwd_params_kernel(DY, X, RES, WD, WU, BU, LNW, LNB, HBUF, DABUF, STATS,
 
 
 def _blocks(d: int, r: int, dtype: torch.dtype):
-    block_d = max(16, triton.next_power_of_2(d))
+    """(BLOCK_M, BLOCK_K, BLOCK_R): rows per program, d-chunk width, padded r (tl.dot needs >= 16).
+
+    Register tiles are (BLOCK_M, BLOCK_R) for the r-wide intermediate and (BLOCK_M, BLOCK_K) for a d-chunk;
+    shared-memory operands are (BLOCK_K, BLOCK_R) weight chunks, so no size depends on d.
+    """
+    budget = 2048 if dtype == torch.float64 else 4096
     block_r = max(16, triton.next_power_of_2(r))
-    # full rows live in registers: keep BLOCK_M * BLOCK_D around 8K elements (fp64: half)
-    budget = 4096 if dtype == torch.float64 else 8192
-    block_m = max(16, min(64, budget // block_d))
-    return block_m, block_d, block_r
+    block_k = max(16, min(32 if dtype == torch.float64 else 64, triton.next_power_of_2(d)))
+    block_m = max(16, min(64, budget // block_r))
+    return block_m, block_k, block_r
 
 
 def _flags(x: torch.Tensor):
@@ -299,13 +398,13 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
     m, d = x.shape
     r = w_down.shape[0]
     y = torch.empty_like(x)
-    bm, bd, br = _blocks(d, r, x.dtype)
+    bm, bk, br = _blocks(d, r, x.dtype)
     dummy = x  # never read when the flag is off
     _fwd_kernel[(triton.cdiv(m, bm),)](
         x, res if res is not None else dummy, w_down, b_down, w_up, b_up,
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy, y,
-        m, d, r, float(scaling), float(eps), BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, ACT=ACT_IDS[activation],
-        HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln, num_warps=4 if bd <= 256 else 8, **_flags(x))
+        m, d, r, float(scaling), float(eps), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation],
+        HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln, num_warps=4, **_flags(x))
     return y
 
 
@@ -324,7 +423,7 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     r = w_down.shape[0]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     dev = x.device
-    bm, bd, br = _blocks(d, r, x.dtype)
+    bm, bk, br = _blocks(d, r, x.dtype)
     dx = torch.empty_like(x)
     dres = torch.empty_like(x) if res is not None else None
     hbuf = torch.empty((m, r), dtype=cdt, device=dev)
@@ -338,9 +437,10 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     _bwd_rows_kernel[(triton.cdiv(m, bm),)](
         dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb, dx,
         dres if has_res else dummy, hbuf, dabuf, stats, m, d, r, float(scaling), float(eps),
-        BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=4 if bd <= 256 else 8, **flags)
-    block_dc = min(64, bd)
-    block_m2 = 64 if x.dtype != torch.float64 else 32
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=4, **flags)
+    # parameter-gradient tiles: two (BLOCK_DC, BLOCK_R) fp32 accumulators per program
+    block_dc = max(16, min(bk, 4096 // br))
+    block_m2 = max(16, min(64, 4096 // br)) if x.dtype != torch.float64 else max(16, min(32, 2048 // br))
     n_dc = triton.cdiv(d, block_dc)
     splits = _n_splits(m, block_m2, n_dc, dev)
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m2) * block_m2

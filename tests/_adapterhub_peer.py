@@ -41,6 +41,13 @@ def _hub_adapter(hub, layer, loc, name):
     return mod.adapters[name]
 
 
+def _param_pairs(mine, theirs):
+    """(effir parameter, AdapterHub parameter) of one adapter: down weight / bias, up weight / bias."""
+    down = theirs.adapter_down[0]  # AdapterHub: Sequential(Linear, activation)
+    return [(mine.down.weight, down.weight), (mine.down.bias, down.bias), (mine.up.weight, theirs.adapter_up.weight),
+            (mine.up.bias, theirs.adapter_up.bias)]
+
+
 def _pair(conf, cfg_name, backend, seed=0):
     """(AdapterHub model, effir model) with one backbone and identical random adapter weights."""
     import adapters
@@ -65,9 +72,7 @@ def _pair(conf, cfg_name, backend, seed=0):
                 continue
             mine = module.effir_adapters["a"]
             theirs = _hub_adapter(hub, layer, loc, "a")
-            pairs = [(mine.down.weight, theirs.adapter_down[0].weight), (mine.down.bias, theirs.adapter_down[0].bias),
-                     (mine.up.weight, theirs.adapter_up.weight), (mine.up.bias, theirs.adapter_up.bias)]
-            for p_mine, p_theirs in pairs:
+            for p_mine, p_theirs in _param_pairs(mine, theirs):
                 assert p_mine.shape == p_theirs.shape, (p_mine.shape, p_theirs.shape)
                 val = torch.randn(p_mine.shape, generator=g) * 0.3  # never zeros: the up-projection matters
                 p_mine.copy_(val)
@@ -99,8 +104,7 @@ def parity(args: dict) -> dict:
                 if "a" not in module.effir_adapters:
                     continue
                 mine, theirs = module.effir_adapters["a"], _hub_adapter(hub, layer, loc, "a")
-                for pm, pt in [(mine.down.weight, theirs.adapter_down[0].weight), (mine.down.bias, theirs.adapter_down[0].bias),
-                               (mine.up.weight, theirs.adapter_up.weight), (mine.up.bias, theirs.adapter_up.bias)]:
+                for pm, pt in _param_pairs(mine, theirs):
                     grads.append(((pm.grad - pt.grad).norm() / pt.grad.norm()).item())
             n_trainable = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (eff, hub)]
             backbone_grads = [n for n, p in eff.named_parameters() if p.grad is not None and "effir_adapters" not in n]

@@ -11,8 +11,9 @@ import torch
 
 
 class HashingEncoder:
-    def __init__(self, dim: int = 257, name: str = "hashing-3gram"):
+    def __init__(self, dim: int = 257, name: str = "hashing-3gram", normalize: bool = True):
         self.dim = dim
+        self.normalize = normalize
         self.name = name
         self.calls = {"queries": 0, "passages": 0}
         self.texts_seen = {"queries": 0, "passages": 0}
@@ -25,7 +26,8 @@ class HashingEncoder:
             t = f" {text.lower()} "
             for j in range(len(t) - 2):
                 out[i, zlib.crc32(t[j:j + 3].encode("utf-8")) % self.dim] += 1.0
-        return torch.nn.functional.normalize(out, dim=1).float()
+        # normalize=False keeps integer counts: float32 dot products are then exact (tie tests)
+        return (torch.nn.functional.normalize(out, dim=1) if self.normalize else out).float()
 
     def encode_queries(self, texts, batch_size=64, show_progress=None):
         return self._encode(list(texts), "queries")

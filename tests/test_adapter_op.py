@@ -45,8 +45,8 @@ def run(variant, inputs, dtype, backend, act, scaling=0.7, eps=1e-5, dy=None, tr
 
 def check_all(variant, inputs, dtype, backend, act, transform=None, **kw):
     y, grads, names, dy = run(variant, inputs, dtype, backend, act, transform=transform, **kw)
-    y64, g64, _, _ = run(variant, inputs, torch.float64, None, act, dy=dy, **kw)
-    yt, gt, _, _ = run(variant, inputs, dtype, None, act, dy=dy, **kw)
+    y64, g64, _, _ = run(variant, inputs, torch.float64, None, act, dy=dy, transform=transform, **kw)
+    yt, gt, _, _ = run(variant, inputs, dtype, None, act, dy=dy, transform=transform, **kw)
     assert y.dtype == dtype and y.shape == y64.shape
     assert_no_worse_than_torch(f"{backend}/{variant}/{act}/{dtype} y", y, y64, yt, dtype)
     for n, a, b, c in zip(names, grads, g64, gt):

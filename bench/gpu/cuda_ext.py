@@ -87,15 +87,18 @@ LOSS_CASES = [  # (B, M, d, symmetric, groups, pos_offset)
 ]
 
 
-def loss_correctness(quick: bool) -> list[dict]:
+def loss_correctness(quick: bool, backends=("cuda",), deadline: float = float("inf")) -> list[dict]:
     rows = []
     dtypes = (torch.bfloat16, torch.float32) if quick else (torch.float32, torch.float16, torch.bfloat16)
     cases = LOSS_CASES[:4] if quick else LOSS_CASES
-    for backend in ("cuda", "triton"):
+    for backend in backends:
         for dtype in dtypes:
             for (B, M, d, sym, grp, off) in cases:
                 case = dict(op="info_nce", backend=backend, dtype=str(dtype).split(".")[-1], B=B, M=M, d=d,
                             symmetric=sym, groups=grp, pos_offset=off)
+                if time.time() > deadline:
+                    rows.append({**case, "skipped": "time budget"})
+                    continue
                 try:
                     checks = _loss_case(backend, B, M, d, dtype, sym, grp, 0.05, seed=B * 7 + d, pos_offset=off)
                     rows.append({**case, "ok": all(c["ok"] for c in checks), "checks": checks})
@@ -181,17 +184,20 @@ ADAPTER_CASES = [  # (M, d, r)
 ]
 
 
-def adapter_correctness(quick: bool) -> list[dict]:
+def adapter_correctness(quick: bool, backends=("cuda",), deadline: float = float("inf")) -> list[dict]:
     rows = []
     dtypes = (torch.bfloat16, torch.float32) if quick else (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     cases = ADAPTER_CASES[:4] if quick else ADAPTER_CASES
-    for backend in ("cuda", "triton"):
+    for backend in backends:
         for dtype in dtypes:
             for i, (M, d, r) in enumerate(cases):
                 for variant in ("plain", "ln_after", "ln_before"):
                     act = ("relu", "gelu", "silu")[(i + len(variant)) % 3]
                     case = dict(op="adapter", backend=backend, dtype=str(dtype).split(".")[-1], M=M, d=d, r=r,
                                 activation=act, variant=variant)
+                    if time.time() > deadline:
+                        rows.append({**case, "skipped": "time budget"})
+                        continue
                     try:
                         checks = _adapter_case(backend, M, d, r, dtype, act, variant, seed=M + d + r)
                         rows.append({**case, "ok": all(c["ok"] for c in checks), "checks": checks})
@@ -267,13 +273,26 @@ def sass_evidence(so_path: str) -> dict:
 
 
 def run(out, quick: bool, deadline: float, so_path: str | None) -> dict:
-    """All of the above; each part guarded. Returns the section's results (the suite writes them)."""
+    """All of the above, most important first; each part guarded and given a share of the time left.
+
+    Order: SASS evidence, cuda correctness (loss, adapter), cuda vs triton timings, then the same correctness
+    checks for triton (the loss / adapter sections of the suite check triton too, so it goes last).
+    """
     res = {}
-    for name, fn in (("loss_correctness", lambda: loss_correctness(quick)),
-                     ("adapter_correctness", lambda: adapter_correctness(quick)),
-                     ("loss_timing", lambda: loss_timing(quick, deadline)),
-                     ("adapter_timing", lambda: adapter_timing(quick, deadline)),
-                     ("sass", lambda: sass_evidence(so_path) if so_path else {"error": "no .so path"})):
+
+    def share(frac):  # a deadline for the next part: a fraction of what is left
+        return time.time() + frac * max(0.0, deadline - time.time())
+
+    parts = (
+        ("sass", lambda: sass_evidence(so_path) if so_path else {"error": "no .so path"}),
+        ("loss_correctness", lambda: loss_correctness(quick, ("cuda",), share(0.25))),
+        ("adapter_correctness", lambda: adapter_correctness(quick, ("cuda",), share(0.3))),
+        ("loss_timing", lambda: loss_timing(quick, share(0.5))),
+        ("adapter_timing", lambda: adapter_timing(quick, share(0.7))),
+        ("loss_correctness_triton", lambda: loss_correctness(quick, ("triton",), share(0.5))),
+        ("adapter_correctness_triton", lambda: adapter_correctness(quick, ("triton",), deadline)),
+    )
+    for name, fn in parts:
         t0 = time.time()
         if time.time() > deadline and name != "sass":
             res[name] = {"skipped": "time budget"}

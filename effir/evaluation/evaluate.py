@@ -15,7 +15,9 @@ Score = dot product of the encoder's outputs (E5 embeddings are L2-normalised: c
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -28,16 +30,66 @@ from effir.evaluation.lareqa import CANDIDATE_TEXTS, DATASETS, LareqaData, load_
 from effir.evaluation.search import SEARCHES, rank_relevant, resolve_search
 
 
-def _encode(fn, texts: list[str], what: str, batch_size: int, show_progress) -> torch.Tensor:
+def _encode(fn, texts: list[str], what: str, batch_size: int, show_progress, cache=None, key="") -> torch.Tensor:
     """Encode each distinct text once; rows follow `texts`. Returns (len(texts), H) float32 on CPU."""
     uniq = list(dict.fromkeys(texts))
-    emb = fn(uniq, batch_size=batch_size, show_progress=show_progress)
-    check_tensor(f"encoder output for {what}", emb, shape=(len(uniq), None))
+    if cache is None:
+        emb = fn(uniq, batch_size=batch_size, show_progress=show_progress)
+        check_tensor(f"encoder output for {what}", emb, shape=(len(uniq), None))
+    else:
+        emb = _encode_cached(fn, uniq, what, batch_size, show_progress, Path(cache), key)
     emb = emb.detach().to("cpu", torch.float32).contiguous()
     if len(uniq) == len(texts):
         return emb
     row = {t: i for i, t in enumerate(uniq)}
     return emb[torch.tensor([row[t] for t in texts], dtype=torch.int64)]
+
+
+_CACHE_CHUNK = 1024
+
+
+def _encode_cached(fn, uniq, what, batch_size, show_progress, cache: Path, key: str) -> torch.Tensor:
+    """Encode in chunks of similar-length texts, each saved under `cache` by a hash of (key, kind, texts):
+    an interrupted evaluation resumes where it stopped, and a repeated one encodes nothing."""
+    from tqdm.auto import tqdm
+
+    cache.mkdir(parents=True, exist_ok=True)
+    order = sorted(range(len(uniq)), key=lambda i: (len(uniq[i]), uniq[i]))
+    out = None
+    show = show_progress if show_progress is not None else len(uniq) >= 2048
+    with tqdm(total=len(uniq), desc=f"encoding {what} (cached)", unit="text", disable=not show) as bar:
+        for a in range(0, len(order), _CACHE_CHUNK):
+            idx = order[a:a + _CACHE_CHUNK]
+            chunk = [uniq[i] for i in idx]
+            digest = hashlib.sha256("\0".join([key, what, *chunk]).encode("utf-8")).hexdigest()[:32]
+            path = cache / f"{what}-{digest}.pt"
+            emb = torch.load(path) if path.is_file() else None
+            if emb is None or emb.shape[0] != len(chunk):
+                emb = fn(chunk, batch_size=batch_size, show_progress=False)
+                check_tensor(f"encoder output for {what}", emb, shape=(len(chunk), None))
+                emb = emb.detach().to("cpu", torch.float32).contiguous()
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save(emb, tmp)
+                os.replace(tmp, path)  # atomic: a killed run never leaves a half-written chunk
+            if out is None:
+                out = torch.empty(len(uniq), emb.shape[1], dtype=torch.float32)
+            out[torch.tensor(idx)] = emb
+            bar.update(len(idx))
+    return out
+
+
+def encoder_fingerprint(encoder) -> str:
+    """Name + a checksum of the model's parameters and buffers (cache key: trained weights differ)."""
+    h = hashlib.sha256(str(getattr(encoder, "name", type(encoder).__name__)).encode())
+    model = getattr(encoder, "model", None)
+    if isinstance(model, torch.nn.Module):
+        with torch.no_grad():
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                h.update(f"{name}{tuple(t.shape)}{t.dtype}{t.double().sum().item():.17g}"
+                         f"{t.double().abs().sum().item():.17g}".encode())
+    for attr in ("query_prefix", "passage_prefix", "pooling", "normalize", "max_length", "long_inputs"):
+        h.update(f"{attr}={getattr(encoder, attr, None)}".encode())
+    return h.hexdigest()[:32]
 
 
 def _setting_stats(ranked, k: int) -> dict:
@@ -120,6 +172,7 @@ def evaluate(
     output=None,
     plot=None,
     show_progress=None,
+    cache=None,
 ) -> dict:
     """Zero-shot LAReQA evaluation of `encoder` on "xquad-r" or "mlqa-r"; returns a JSON-ready dict.
 
@@ -129,7 +182,8 @@ def evaluate(
     for fast runs; numbers on a subset are higher than on the full pools and comparable only to runs with
     the same subset (same value and seed). search: "auto" | "faiss" | "torch" (same numbers). device: where
     the torch search multiplies. output: a JSON path to write. plot: a PNG path for the query x pool
-    language mAP heatmap, or True for output's name with ".png".
+    language mAP heatmap, or True for output's name with ".png". cache: a directory for embedding chunks
+    keyed by the encoder's weights and the texts, so a long CPU run that is interrupted resumes.
 
     Keys: dataset, model, map {mo, cr, mul}, recall {mo_r1, cr_r1, mul_r10}, rank_distance, matrix
     {qlang: {plang: mAP}}, recall_matrix (R@1), mul_by_lang, n_questions, n_candidates, settings, timing.
@@ -145,9 +199,10 @@ def evaluate(
     t0 = time.perf_counter()
     data = load_lareqa(dataset, languages=languages, max_paragraphs=max_paragraphs, seed=seed, candidate=candidate)
     t1 = time.perf_counter()
-    q_emb = _encode(encoder.encode_queries, data.q_text, "queries", batch_size, show_progress)
+    key = encoder_fingerprint(encoder) if cache is not None else ""
+    q_emb = _encode(encoder.encode_queries, data.q_text, "queries", batch_size, show_progress, cache, key)
     t2 = time.perf_counter()
-    c_emb = _encode(encoder.encode_passages, data.cand_text, "passages", batch_size, show_progress)
+    c_emb = _encode(encoder.encode_passages, data.cand_text, "passages", batch_size, show_progress, cache, key)
     t3 = time.perf_counter()
     backend = resolve_search(search, device)
     result = compute_metrics(data, q_emb, c_emb, search=backend, device=device)

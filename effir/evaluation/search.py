@@ -4,7 +4,7 @@ AP needs the rank of every relevant candidate in the whole pool, not only a top-
 backends score every (query, candidate) pair, one block of queries at a time (no Q x C matrix is kept):
 
 - "torch": block = queries_b @ pool.T on `device`; the relevant scores are gathered from that same
-  block (so ties are bitwise ties), the block is sorted and `searchsorted` counts, per relevant
+  block (so ties are bitwise ties) and one bucketing pass over the row counts, per relevant
   candidate, the pool entries scoring >= and > it.
 - "faiss": `IndexFlatIP` (a GPU index when faiss sees a GPU and the pool fits its k limit) searched with
   k = pool size; the counts come from faiss's own sorted scores in the same way.
@@ -118,6 +118,27 @@ def _counts(sorted_desc: torch.Tensor, order: torch.Tensor, mult: torch.Tensor, 
     return cum.gather(1, n_ge), cum.gather(1, n_gt)
 
 
+def _bucket_counts(block: torch.Tensor, rel_scores: torch.Tensor, mult: torch.Tensor):
+    """count_ge / count_gt (B, R) int64 of each relevant score within its row of block (B, U).
+
+    One pass over the block for any R: each pool score falls into a bucket between the row's sorted
+    relevant scores (searchsorted), bucket sizes are summed with the rows' multiplicities, and suffix
+    sums give the counts. Cheaper than sorting the row or comparing it R times.
+    """
+    b, r = rel_scores.shape
+    srt, order = rel_scores.sort(dim=1)  # ascending
+    weights = mult.unsqueeze(0).expand(b, -1)
+    out = []
+    for right in (True, False):
+        # right=True: bucket = #relevant <= x, so x >= srt[k] iff bucket > k (count_ge);
+        # right=False: bucket = #relevant < x, so x > srt[k] iff bucket > k (count_gt).
+        bucket = torch.searchsorted(srt, block, right=right)
+        hist = torch.zeros(b, r + 1, dtype=torch.int64, device=block.device).scatter_add_(1, bucket, weights)
+        above = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # above[:, k] = sum of hist[:, k+1:]
+        out.append(torch.empty_like(above).scatter_(1, order, above))  # back to the slots' order
+    return out[0], out[1]
+
+
 def _torch_counts(queries, uniq, mult, rel_u, block_size, device):
     device = torch.device(device) if device is not None else queries.device
     uniq_d, mult_d = uniq.to(device), mult.to(device)
@@ -126,10 +147,8 @@ def _torch_counts(queries, uniq, mult, rel_u, block_size, device):
         q = queries[start:start + block_size].to(device)
         rel = rel_u[start:start + block_size].to(device)
         block = q @ uniq_d.T
-        rel_scores = block.gather(1, rel)  # the same floats the sort sees: ties stay ties
-        sorted_desc, order = block.sort(dim=1, descending=True)
-        del block
-        ge, gt = _counts(sorted_desc, order, mult_d, rel_scores)
+        rel_scores = block.gather(1, rel)  # the same floats the comparisons see: ties stay ties
+        ge, gt = _bucket_counts(block, rel_scores, mult_d)
         out_s.append(rel_scores.cpu())
         out_ge.append(ge.cpu())
         out_gt.append(gt.cpu())

@@ -36,6 +36,13 @@ def _impl(backend: str):
     return importlib.import_module(_MODULES[backend])
 
 
+def _summed_input(backend: str) -> bool:
+    """Whether the backend takes z = h + t (res=None) for the Pfeiffer variant (see SUPPORTS_SUMMED_INPUT)."""
+    if backend in ("recompute", "triton"):
+        return True
+    return bool(getattr(_impl(backend), "SUPPORTS_SUMMED_INPUT", False))
+
+
 # ---------------------------------------------------------------- plain adapter
 @torch.library.custom_op("effir::bottleneck_adapter_fwd", mutates_args=())
 def _fwd(x: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, activation: str,
@@ -76,8 +83,8 @@ _fwd.register_autograd(_backward, setup_context=_setup)
 
 # ---------------------------------------------------------------- adapter + residual + LayerNorm
 @torch.library.custom_op("effir::bottleneck_adapter_ln_fwd", mutates_args=())
-def _ln_fwd(x: Tensor, res: Optional[Tensor], w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, ln_weight: Tensor,
-            ln_bias: Tensor, activation: str, scaling: float, eps: float, original_ln_before: bool,
+def _ln_fwd(x: Tensor, res: Optional[Tensor], w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
+            ln_weight: Tensor, ln_bias: Tensor, activation: str, scaling: float, eps: float, original_ln_before: bool,
             backend: str) -> Tensor:
     return _impl(backend).adapter_ln_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation,
                                          scaling, eps, original_ln_before)
@@ -197,7 +204,7 @@ def bottleneck_adapter_layernorm(h: Tensor, input_tensor: Tensor, w_down: Tensor
             eps=float(eps), original_ln_before=bool(original_ln_before))
     x2 = h.reshape(-1, d)
     r2 = input_tensor.reshape(-1, d)
-    if original_ln_before:
+    if original_ln_before and _summed_input(backend):
         # the Pfeiffer output depends on z = h + t only: one add here (no saved tensors), then the op saves z
         x2, r2 = x2 + r2, None
     else:

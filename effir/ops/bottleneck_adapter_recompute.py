@@ -7,6 +7,9 @@ Triton and CUDA backends). All tensors 2-D (M, d) / parameter shapes, contiguous
 """
 from __future__ import annotations
 
+# original_ln_before=True may be called with res=None and x = h + input_tensor (the op then saves only z)
+SUPPORTS_SUMMED_INPUT = True
+
 import math
 
 import torch

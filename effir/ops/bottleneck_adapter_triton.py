@@ -5,6 +5,9 @@ contiguous inputs of one dtype; backward recomputes the intermediate, fp32 accum
 """
 from __future__ import annotations
 
+# original_ln_before=True may be called with res=None and x = h + input_tensor (the op then saves only z)
+SUPPORTS_SUMMED_INPUT = True
+
 import torch
 
 

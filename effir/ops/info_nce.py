@@ -116,14 +116,22 @@ def _check_groups(name: str, g, length: int, device) -> torch.Tensor:
     return g.to(torch.int64).contiguous()
 
 
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    # One reduction instead of torch.isfinite's (numel)-sized temporaries: a nan/inf anywhere makes the sum
+    # non-finite; only then (or on overflow of huge finite values) run the exact elementwise check.
+    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    if not bool(torch.isfinite(total)):
+        check_tensor(name, t, dtypes=None, finite=True)
+
+
 def validate(q, p, negatives, query_groups, doc_groups, reduction, symmetric):
     """Raise ValueError naming the argument; return int64 groups (or None)."""
-    check_tensor("q", q, ndim=2, shape=(None, None), dtypes=_INPUT_DTYPES)
+    check_tensor("q", q, ndim=2, dtypes=_INPUT_DTYPES, nonempty=False)
     B, d = q.shape
     if B == 0:
-        raise ValueError("q must hold at least one query (empty batch), got shape (0, d)")
+        raise ValueError(f"q must not be empty: need at least one query (B >= 1), got shape {tuple(q.shape)}")
     if d == 0:
-        raise ValueError("q must have an embedding dim d >= 1, got shape (B, 0)")
+        raise ValueError(f"q must not be empty: need an embedding dim d >= 1, got shape {tuple(q.shape)}")
     check_tensor("p", p, shape=(B, d), dtypes=(q.dtype,), device=q.device)
     if negatives is not None:
         check_tensor("negatives", negatives, shape=(None, d), dtypes=(q.dtype,), device=q.device)
@@ -133,7 +141,7 @@ def validate(q, p, negatives, query_groups, doc_groups, reduction, symmetric):
     if not torch.compiler.is_compiling():  # a data-dependent check would break the graph
         for name, t in (("q", q), ("p", p), ("negatives", negatives)):
             if t is not None:
-                check_tensor(name, t, dtypes=None, finite=True)
+                _check_finite(name, t)
     if (query_groups is None) != (doc_groups is None):
         missing = "doc_groups" if doc_groups is None else "query_groups"
         raise ValueError(f"{missing} must be given together with "

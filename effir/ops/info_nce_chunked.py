@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-# Scores held at once (B * chunk elements). 2**21 fp32 = 8 MiB: small next to the (B, d) inputs at
+# Scores held at once (B * chunk elements). 2**22 fp32 = 16 MiB: small next to the (B, d) inputs at
 # realistic sizes, large enough that each block matmul still runs near the BLAS rate.
-BLOCK_ELEMS = 1 << 21
+BLOCK_ELEMS = 1 << 22
 _FLOOR = -1e30  # finite start of the running max: a fully masked block gives exp(-inf) = 0, never nan
 
 
@@ -30,59 +30,62 @@ def _chunk(B: int, N: int, chunk: int | None) -> int:
 
 
 def _block(qc, docs, c0, c1, cdt, inv_t, query_groups, doc_groups, pos_offset):
-    """Raw scores S (B, c), scaled+masked logits X (B, c), and the rows whose positive lies in [c0, c1)."""
+    """Logits X = q . (docs[c0:c1] / t)^T (B, c), masked to -inf; and the rows whose positive is in the block.
+
+    The temperature is folded into the (c, d) chunk of docs: no (B, c) pass and no (B, d) copy for scaling.
+    """
     B = qc.shape[0]
-    s = qc @ docs[c0:c1].to(cdt).transpose(0, 1)
-    x = s * inv_t
+    x = qc @ (docs[c0:c1].to(cdt) * inv_t).transpose(0, 1)
     lo = max(0, c0 - pos_offset)
     rows = torch.arange(lo, max(lo, min(B, c1 - pos_offset)), device=qc.device)
     if query_groups is not None:
         mask = query_groups[:, None] == doc_groups[None, c0:c1]
         mask[rows, rows + pos_offset - c0] = False  # the positive is never masked
-        x = x.masked_fill(mask, float("-inf"))
-    return s, x, rows
+        x.masked_fill_(mask, float("-inf"))
+    return x, rows
 
 
 def forward(q, docs, temperature, query_groups, doc_groups, pos_offset: int, symmetric: bool, chunk=None):
     """See module docstring. Returns loss, lse, dloss_dt, each (R, B), R = 1 + symmetric, fp32 (fp64)."""
     B, N = q.shape[0], docs.shape[0]
     cdt = _compute_dtype(q)
+    t = temperature.to(cdt)
+    inv_t = 1.0 / t
     qc = q.to(cdt)
-    inv_t = 1.0 / temperature.to(cdt)
     c = _chunk(B, N, chunk)
     m = torch.full((B,), _FLOOR, dtype=cdt, device=q.device)
     l = torch.zeros(B, dtype=cdt, device=q.device)
-    w = torch.zeros(B, dtype=cdt, device=q.device)  # running sum of exp * score -> softmax-weighted mean score
-    diag = torch.zeros(B, dtype=cdt, device=q.device)
+    w = torch.zeros(B, dtype=cdt, device=q.device)  # running sum of exp * logit -> softmax-weighted mean
+    pos = torch.zeros(B, dtype=cdt, device=q.device)  # the positive's logit
     if symmetric:
         lse_c = torch.empty(B, dtype=cdt, device=q.device)
-        msc_c = torch.empty(B, dtype=cdt, device=q.device)
+        mean_c = torch.empty(B, dtype=cdt, device=q.device)
     for c0 in range(0, N, c):
         c1 = min(N, c0 + c)
-        s, x, rows = _block(qc, docs, c0, c1, cdt, inv_t, query_groups, doc_groups, pos_offset)
-        m_new = torch.maximum(m, x.amax(dim=1))
-        alpha = torch.exp(m - m_new)
-        e = torch.exp(x - m_new[:, None])
-        l = l * alpha + e.sum(dim=1)
-        w = w * alpha + (e * s).sum(dim=1)
-        m = m_new
-        diag[rows] = s[rows, rows + pos_offset - c0]
+        x, rows = _block(qc, docs, c0, c1, cdt, inv_t, query_groups, doc_groups, pos_offset)
+        pos[rows] = x[rows, rows + pos_offset - c0]
         if symmetric and c0 < B:  # whole columns of the B x B block are in this chunk
             cb = min(c1, B) - c0
-            xc = x[:, :cb]
-            lc = torch.logsumexp(xc, dim=0)
+            lc = torch.logsumexp(x[:, :cb], dim=0)
             lse_c[c0:c0 + cb] = lc
-            msc_c[c0:c0 + cb] = (torch.exp(xc - lc[None, :]) * s[:, :cb]).sum(dim=0)
-        del s, x, e
+            ec = torch.exp(x[:, :cb] - lc[None, :])
+            mean_c[c0:c0 + cb] = torch.einsum("ij,ij->j", ec, torch.nan_to_num(x[:, :cb], neginf=0.0))
+            del ec
+        m_new = torch.maximum(m, x.amax(dim=1))
+        alpha = torch.exp(m - m_new)
+        xm = torch.nan_to_num(x, neginf=0.0) if query_groups is not None else x  # masked: e = 0, 0 * 0
+        e = torch.sub(x, m_new[:, None]).exp_()
+        l = l * alpha + e.sum(dim=1)
+        w = w * alpha + torch.einsum("ij,ij->i", e, xm)
+        m = m_new
+        del x, e, xm
     lse = m + torch.log(l)
-    pos = diag * inv_t
-    loss = [lse - pos]
-    lses = [lse]
-    dldt = [(diag - w / l) * inv_t * inv_t]
+    # d loss / d t = (s_pos - E_P[s]) / t^2 = (pos - E_P[x]) / t in logit units
+    loss, lses, dldt = [lse - pos], [lse], [(pos - w / l) / t]
     if symmetric:
         loss.append(lse_c - pos)
         lses.append(lse_c)
-        dldt.append((diag - msc_c) * inv_t * inv_t)
+        dldt.append((pos - mean_c) / t)
     return torch.stack(loss), torch.stack(lses), torch.stack(dldt)
 
 
@@ -90,28 +93,32 @@ def backward(q, docs, temperature, lse, grad_loss, query_groups, doc_groups, pos
     """See module docstring. Returns dq (B, d) in q.dtype and ddocs (N, d) in docs.dtype."""
     B, N = q.shape[0], docs.shape[0]
     cdt = _compute_dtype(q)
+    t = temperature.to(cdt)
+    inv_t = 1.0 / t
     qc = q.to(cdt)
-    inv_t = 1.0 / temperature.to(cdt)
     lse = lse.to(cdt)
     g = grad_loss.to(cdt)
-    g_r = g[0]
+    g_r = g[0][:, None]
     g_diag = g.sum(dim=0)  # the positive's logit gets -(g_r + g_c)
     symmetric = lse.shape[0] == 2
     c = _chunk(B, N, chunk)
-    dq = torch.zeros(B, q.shape[1], dtype=cdt, device=q.device)
-    ddocs = torch.empty_like(docs)
+    dq = torch.zeros(B, q.shape[1], dtype=cdt, device=q.device)  # sum of dX . docs; scaled by 1/t at the end
+    ddocs = torch.empty(N, q.shape[1], dtype=cdt, device=q.device) if docs.dtype != cdt else torch.empty_like(docs)
     for c0 in range(0, N, c):
         c1 = min(N, c0 + c)
         dc = docs[c0:c1].to(cdt)
-        _, x, rows = _block(qc, docs, c0, c1, cdt, inv_t, query_groups, doc_groups, pos_offset)
-        ds = torch.exp(x - lse[0][:, None]) * g_r[:, None]
+        x, rows = _block(qc, docs, c0, c1, cdt, inv_t, query_groups, doc_groups, pos_offset)
         if symmetric and c0 < B:
             cb = min(c1, B) - c0
-            ds[:, :cb] += torch.exp(x[:, :cb] - lse[1][None, c0:c0 + cb]) * g[1][None, c0:c0 + cb]
-        del x
-        ds[rows, rows + pos_offset - c0] -= g_diag[rows]
-        ds *= inv_t
-        dq.addmm_(ds, dc)
-        ddocs[c0:c1] = (ds.transpose(0, 1) @ qc).to(docs.dtype)
-        del ds, dc
-    return dq.to(q.dtype), ddocs
+            xc = (x[:, :cb] - lse[1][None, c0:c0 + cb]).exp_().mul_(g[1][None, c0:c0 + cb])
+        dx = x.sub_(lse[0][:, None]).exp_().mul_(g_r)  # dL/dX, in place over the logits
+        if symmetric and c0 < B:
+            dx[:, :cb] += xc
+            del xc
+        dx[rows, rows + pos_offset - c0] -= g_diag[rows]
+        dq.addmm_(dx, dc)
+        torch.mm(dx.transpose(0, 1), qc, out=ddocs[c0:c1])
+        ddocs[c0:c1].mul_(inv_t)  # dX^T q / t = dS^T q
+        del x, dx, dc
+    dq.mul_(inv_t)
+    return dq.to(q.dtype), ddocs.to(docs.dtype)

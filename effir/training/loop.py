@@ -134,10 +134,12 @@ class TrainResult:
     examples: int = 0
     tokens: int = 0
     peak_memory_bytes: int | None = None
+    peak_memory_added_bytes: int | None = None
 
     def summary(self) -> dict:
         return {
             "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_memory_added_bytes": self.peak_memory_added_bytes,
             "steps_done": self.steps_done,
             "total_steps": self.total_steps,
             "interrupted": self.interrupted,
@@ -153,18 +155,19 @@ class TrainResult:
 
 
 class _PeakMemory:
-    """Peak memory of the training loop: CUDA allocator peak, or on Linux CPUs the resident-set high-water
-    mark (VmHWM, reset through /proc/self/clear_refs) -- the process peak, so it includes the weights.
-    None where neither is readable."""
+    """Peak memory of the training loop. CUDA: the allocator's peak; CPU (Linux): the resident-set
+    high-water mark (VmHWM, reset through /proc/self/clear_refs), i.e. the process peak including weights.
+    `peak` is that peak, `added` the part above the memory in use when the loop started; both None where
+    they cannot be read."""
 
     def __init__(self, device: torch.device):
-        self.device, self.peak = device, None
+        self.device, self.peak, self.added, self._base = device, None, None, None
 
     @staticmethod
-    def _hwm():
+    def _status(field: str):
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
         return None
 
@@ -172,9 +175,11 @@ class _PeakMemory:
         try:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
+                self._base = torch.cuda.memory_allocated(self.device)
             else:
                 with open("/proc/self/clear_refs", "w") as fh:
                     fh.write("5")
+                self._base = self._status("VmRSS")
         except OSError:
             pass
         return self
@@ -182,9 +187,11 @@ class _PeakMemory:
     def __exit__(self, *exc):
         try:
             self.peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
-                         else self._hwm())
+                         else self._status("VmHWM"))
         except OSError:
             self.peak = None
+        if self.peak is not None and self._base is not None:
+            self.added = self.peak - self._base
         return False
 
 
@@ -372,6 +379,7 @@ class Trainer:
                 if self.cfg.log_every and (rec.step % self.cfg.log_every == 0 or rec.step == self.total_steps):
                     self.log.write("step", step=rec.step, loss=rec.loss, lr=rec.lr, examples=rec.examples,
                                    tokens=rec.tokens, step_s=round(rec.seconds, 4), temperature=rec.temperature,
+                                   q_shape=list(rec.q_shape), p_shape=list(rec.p_shape),
                                    examples_per_s=result.examples / elapsed, tokens_per_s=result.tokens / elapsed)
                 if on_step is not None:
                     on_step(rec)
@@ -384,7 +392,7 @@ class Trainer:
                     self.save("periodic")
         result.wall_s = time.perf_counter() - start
         result.steps_done = self.step
-        result.peak_memory_bytes = mem.peak
+        result.peak_memory_bytes, result.peak_memory_added_bytes = mem.peak, mem.added
         self.save("interrupted" if result.interrupted else "end")
         self.log.write("train_end", **result.summary())
         return result

@@ -146,7 +146,11 @@ def attach_adapters(cfg: TrainConfig, encoder) -> None:
             p.requires_grad_(True)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen backbone (no input needs requires_grad).
-        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = encoder.model
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_parameters(module: torch.nn.Module) -> dict:
@@ -190,12 +194,13 @@ def run(cfg: TrainConfig, *, groups=None, on_step=None, print_fn=print) -> dict:
         cfg = cfg.replace(output_dir=str(out))
         precision = resolve_precision(cfg.precision, ctx.device)
         seed_everything(cfg.seed)
-        encoder = load_model(cfg, ctx)
+        # data checks first: they are cheaper than loading the model
         if groups is None:
             groups = load_groups(cfg)
         langs = check_data(cfg, groups, ctx)
         sampler = make_sampler(cfg, groups, langs, ctx)
         total_steps = total_steps_for(cfg, sampler)
+        encoder = load_model(cfg, ctx)
         if cfg.resume:
             saved = ckpt.load_checkpoint(out)
             total_steps = max(total_steps, int(saved["total_steps"])) if cfg.steps is None else total_steps

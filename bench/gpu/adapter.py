@@ -1,0 +1,246 @@
+"""GPU section of the adapter issue, called by bench/gpu_suite.py as `run(out, quick)` (about 1-1.5 min on an H100).
+
+1. float64 (and bf16, against torch's own bf16 error) correctness on the GPU of backend "triton" (and "cuda"
+   when the extension loads): forward and all gradients, three variants x three activations, odd M, d = 768 / 129.
+2. forward+backward timings, bf16, tokens in {4096, 65536}, d in {384, 768, 1024}, r = d / 16, of
+   the fused LayerNorm variants ("ln_pre" = seq_bn / Pfeiffer, "ln" = double_seq_bn / Houlsby) and the plain op:
+   effir triton / cuda, the torch eager reference, torch.compile of the reference, and AdapterHub's own
+   `Adapter` module with the layer's LayerNorm (import-guarded: recorded missing when `adapters` does not import).
+   Achieved bandwidth = minimal bytes / time, against a device-to-device copy measured in the same run.
+Minimal bytes (b = bytes per element, M tokens):
+   plain:  fwd x read + y write, bwd x, dy read + dx write                      = 5 M d b
+   ln:     fwd h, t read + y write, bwd h, t, dy read + dh, dt write            = 8 M d b
+   ln_pre: fwd h, t read + y write, bwd h, t, dy read + dz write (dh = dt = dz)  = 7 M d b
+Inputs at 65536 tokens are 50-130 MB per tensor (above the 50 MB L2); triton.testing.do_bench also clears L2.
+"""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from effir.backends import available_backends
+from effir.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapter_layernorm
+from effir.reference.bottleneck_adapter import (bottleneck_adapter_layernorm_reference,
+                                                bottleneck_adapter_reference)
+
+VARIANTS = ("ln_pre", "ln", "plain")
+DEVICE = "cuda"  # a CPU smoke test (TRITON_INTERPRET=1) sets "cpu" and small SHAPES
+SHAPES = [(4096, 384), (4096, 768), (4096, 1024), (65536, 384), (65536, 768), (65536, 1024)]
+QUICK_SHAPES = [(65536, 768)]
+CHECK_SHAPE, QUICK_CHECK_SHAPE = (1001, 768, 48), (257, 129, 5)
+MIN_BYTES = {"plain": 5, "ln": 8, "ln_pre": 7}  # x M * d * itemsize
+
+
+def _inputs(m, d, r, dtype, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g, device=DEVICE, dtype=torch.float64)  # noqa: E731
+    p = dict(h=rn(m, d), t=rn(m, d), w_down=rn(r, d) / d**0.5, b_down=0.5 * rn(r), w_up=rn(d, r) / r**0.5,
+             b_up=0.5 * rn(d), ln_weight=1 + 0.2 * rn(d), ln_bias=0.2 * rn(d), dy=rn(m, d))
+    return {k: v.to(dtype) for k, v in p.items()}
+
+
+def _fn(variant, backend, act, scaling=0.7, eps=1e-5):
+    """f(h, t, wd, bd, wu, bu, lw, lb) -> y for one variant; backend None = the torch reference."""
+    kw = dict(activation=act, scaling=scaling)
+    if variant == "plain":
+        if backend is None:
+            return lambda h, t, wd, bd, wu, bu, lw, lb: bottleneck_adapter_reference(h, wd, bd, wu, bu, **kw)
+        return lambda h, t, wd, bd, wu, bu, lw, lb: bottleneck_adapter(h, wd, bd, wu, bu, backend=backend, **kw)
+    kw.update(eps=eps, original_ln_before=variant == "ln_pre")
+    if backend is None:
+        return lambda *a: bottleneck_adapter_layernorm_reference(*a, **kw)
+    return lambda *a: bottleneck_adapter_layernorm(*a, backend=backend, **kw)
+
+
+_ARGS = ("h", "t", "w_down", "b_down", "w_up", "b_up", "ln_weight", "ln_bias")
+
+
+def _grads(fn, p, variant):
+    leaves = [p[k].detach().clone().requires_grad_() for k in _ARGS]
+    y = fn(*leaves)
+    used = leaves if variant != "plain" else [leaves[0]] + leaves[2:6]
+    return [y] + list(torch.autograd.grad(y, used, p["dy"].to(y.dtype)))
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def correctness(backends, quick, deadline):
+    """float64: every variant x activation; bf16: every variant with relu (the timed kernels). Odd M."""
+    rows = []
+    m, d, r = QUICK_CHECK_SHAPE if quick else CHECK_SHAPE
+    cases = [(torch.float64, v, a) for v in VARIANTS for a in ("relu", "gelu", "silu")]
+    cases += [(torch.bfloat16, v, "relu") for v in VARIANTS]
+    if quick:
+        cases = [(torch.float64, "ln_pre", "gelu"), (torch.bfloat16, "ln_pre", "relu")]
+    for dtype, variant, act in cases:
+        if time.time() > deadline:
+            rows.append({"skipped": "time budget", "dtype": str(dtype), "variant": variant, "act": act, "ok": False})
+            continue
+        p64 = _inputs(m, d, r, torch.float64, seed=m + d)
+        p = {k: v.to(dtype) for k, v in p64.items()}
+        ref = _grads(_fn(variant, None, act), p64, variant)
+        same = _grads(_fn(variant, None, act), p, variant)
+        for be in backends:
+            got = _grads(_fn(variant, be, act), p, variant)
+            floor = 8 * torch.finfo(dtype).eps
+            errs = [_rel(g, r_) for g, r_ in zip(got, ref)]
+            bounds = [4 * max(_rel(s, r_), floor) for s, r_ in zip(same, ref)]
+            rows.append({"backend": be, "dtype": str(dtype), "variant": variant, "act": act,
+                         "M": m, "d": d, "r": r, "max_err": max(errs),
+                         "ok": all(e <= b for e, b in zip(errs, bounds)),
+                         "errs": errs, "bounds": bounds})
+    return rows
+
+
+def _bench_ms(fn, quick):
+    """Median milliseconds: triton.testing.do_bench on a GPU (clears L2 between runs), wall clock on CPU."""
+    if DEVICE == "cuda":
+        import triton.testing as tt
+
+        return tt.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[1]
+
+
+def copy_bandwidth(nbytes=1 << 30):
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    ms = _bench_ms(lambda: dst.copy_(src), quick=True)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def _adapterhub_fn(variant, d, r, act, scaling):
+    """AdapterHub's own Adapter module (pre_forward -> forward -> post_forward, as its BertOutput runs it)."""
+    from adapters.configuration import DoubleSeqBnConfig, SeqBnConfig
+    from adapters.methods.modeling import Adapter
+
+    if variant == "plain":
+        return None
+    cfg = (SeqBnConfig if variant == "ln_pre" else DoubleSeqBnConfig)(non_linearity=act, scaling=scaling)
+    mod = Adapter("bench", d, r, cfg).to(DEVICE, torch.bfloat16)
+    ln = torch.nn.LayerNorm(d, eps=1e-5).to(DEVICE, torch.bfloat16).requires_grad_(False)
+
+    def f(h, t, wd, bd, wu, bu, lw, lb):
+        x, _, residual = mod.pre_forward(h, t, ln)
+        out, _, _ = mod(x, residual_input=residual)
+        return mod.post_forward(out, h, t, ln)
+
+    return f, list(mod.parameters())
+
+
+def timings(backends, quick, copy_bps, deadline):
+    rows = []
+    shapes = QUICK_SHAPES if quick else SHAPES
+    variants = ("ln_pre",) if quick else VARIANTS
+    act, scaling, dtype = "relu", 1.0, torch.bfloat16
+    compiled = {}
+    try:
+        hub_err = None
+        import adapters  # noqa: F401
+    except Exception as exc:  # AdapterHub 1.3 pins transformers 4.57; the GPU image has 5.x
+        hub_err = f"{type(exc).__name__}: {exc}"[:300]
+    for variant, (m, d) in [(v, sh) for v in variants for sh in shapes]:  # fused LN variants first
+        if time.time() > deadline:
+            rows.append({"variant": variant, "M": m, "d": d, "method": "-", "skipped": "time budget"})
+            continue
+        r = d // 16
+        p = _inputs(m, d, r, dtype, seed=1)
+        leaves = {k: p[k].detach().requires_grad_(k in ("h", "t", "w_down", "b_down", "w_up", "b_up"))
+                  for k in _ARGS}
+        methods = {f"effir_{be}": _fn(variant, be, act, scaling) for be in backends}
+        methods["torch_eager"] = _fn(variant, None, act, scaling)
+        if not quick:
+            key = variant
+            if key not in compiled:
+                compiled[key] = torch.compile(_fn(variant, None, act, scaling), dynamic=True)
+            methods["torch_compile"] = compiled[key]
+        hub = None
+        if hub_err is None and variant != "plain":
+            try:
+                hub = _adapterhub_fn(variant, d, r, act, scaling)
+            except Exception as exc:
+                hub_err = f"{type(exc).__name__}: {exc}"[:300]
+        if hub is not None:
+            methods["adapterhub"] = hub[0]
+        for name, f in methods.items():
+            grad_of = [leaves["h"], leaves["t"]] + (hub[1] if name == "adapterhub" else
+                                                     [leaves[k] for k in ("w_down", "b_down", "w_up", "b_up")])
+            if variant == "plain":
+                grad_of = [g for g in grad_of if g is not leaves["t"]]
+
+            def step(f=f, grad_of=grad_of):
+                y = f(*[leaves[k] for k in _ARGS])
+                torch.autograd.grad(y, grad_of, p["dy"])
+
+            row = {"variant": variant, "method": name, "M": m, "d": d, "r": r, "dtype": "bf16"}
+            try:
+                ms = _bench_ms(step, quick)
+                nbytes = MIN_BYTES[variant] * m * d * 2
+                row.update(ms=ms, min_bytes=nbytes, bytes_per_s=nbytes / (ms * 1e-3),
+                           frac_copy=nbytes / (ms * 1e-3) / copy_bps if copy_bps else None)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+        del p, leaves
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    # speedups of the best effir backend against the others, per shape and variant
+    for row in rows:
+        if not row["method"].startswith("effir_") or "ms" not in row:
+            continue
+        for other in rows:
+            if (other["variant"], other["M"], other["d"]) == (row["variant"], row["M"], row["d"]) \
+                    and not other["method"].startswith("effir_") and "ms" in other:
+                row[f"speedup_vs_{other['method']}"] = other["ms"] / row["ms"]
+    return rows, hub_err
+
+
+def run(out=None, quick: bool = False, budget_s: float | None = None) -> dict:
+    """Fill and return the adapter section; with `out` a folder, also write adapter.json there.
+    Work past `budget_s` (default 80 s, quick 17 s: inside the suite's time box) is recorded as skipped."""
+    t0 = time.time()
+    deadline = t0 + (budget_s if budget_s is not None else (17 if quick else 80))
+    res = {"available_backends": available_backends("adapter", DEVICE)}
+    backends = [b for b in ("triton", "cuda") if b in res["available_backends"]]
+    try:
+        res["copy_bytes_per_s"] = copy_bandwidth(1 << 29 if quick else 1 << 30)
+    except Exception:
+        res["copy_error"] = traceback.format_exc()[-1500:]
+    try:
+        res["correctness"] = correctness(backends, quick, t0 + 0.4 * (deadline - t0))
+        res["correctness_pass"] = f"{sum(c['ok'] for c in res['correctness'])}/{len(res['correctness'])}"
+    except Exception:
+        res["correctness_error"] = traceback.format_exc()[-3000:]
+    try:
+        res["timings"], res["adapterhub"] = timings(backends, quick, res.get("copy_bytes_per_s"), deadline)
+        res["adapterhub"] = res["adapterhub"] or "imported"
+    except Exception:
+        res["timings_error"] = traceback.format_exc()[-3000:]
+    res["seconds"] = time.time() - t0
+    lines = []
+    for t in res.get("timings", []):
+        if "ms" in t:
+            lines.append(f"{t['variant']:7s} M={t['M']:6d} d={t['d']:5d} {t['method']:14s} {t['ms']:8.3f} ms "
+                         f"{t['bytes_per_s'] / 1e9:7.0f} GB/s  {100 * (t['frac_copy'] or 0):5.1f}% of copy")
+    res["table"] = lines
+    if isinstance(out, dict):
+        out["adapter"] = res
+    elif out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "adapter.json").write_text(json.dumps(res, indent=1, default=str))
+    print("\n".join(["adapter section:", f"  correctness {res.get('correctness_pass')}"] + lines[-24:]))
+    return {k: v for k, v in res.items() if k not in ("correctness", "timings")} | {
+        "n_correct": res.get("correctness_pass")}

@@ -1,0 +1,202 @@
+"""Injection of bottleneck adapters into random-weight BERT / RoBERTa / XLM-R encoders and a
+sentence-transformers model: identity at init, frozen backbone, named adapters, save/load, clear errors."""
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel
+
+import effir
+from effir.adapters import adapter_summary, find_adapter_sites, set_active_adapter
+
+KW = dict(vocab_size=50, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40,
+          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+MODELS = {
+    "bert": lambda: BertModel(BertConfig(hidden_size=64, intermediate_size=96, **KW)),
+    "roberta": lambda: RobertaModel(RobertaConfig(hidden_size=80, intermediate_size=112, **KW)),
+    "xlmr": lambda: XLMRobertaModel(XLMRobertaConfig(hidden_size=96, intermediate_size=128, **KW)),
+}
+
+
+def make(kind, seed=0):
+    torch.manual_seed(seed)
+    return MODELS[kind]().eval()
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 50, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # padding
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def randomize_adapters(model, name, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f"effir_adapters.{name}." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def expected_params(model, cfg):
+    d = model.config.hidden_size
+    r = cfg.bottleneck_size(d)
+    per = 2 * d * r + r + d
+    return model.config.num_hidden_layers * per * (int(cfg.mh_adapter) + int(cfg.output_adapter))
+
+
+@pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn", "par_bn"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_inject_identity_frozen_and_trainable(kind, config):
+    model = make(kind)
+    inputs = batch()
+    with torch.no_grad():
+        base = model(**inputs).last_hidden_state
+    effir.add_adapters(model, config, backend="recompute")
+    with torch.no_grad():
+        same = model(**inputs).last_hidden_state
+    torch.testing.assert_close(same, base, rtol=1e-5, atol=1e-5)  # new adapters are the identity
+    cfg = effir.adapters.resolve_config(config)
+    s = adapter_summary(model)
+    assert s["trainable"] == expected_params(model, cfg) == s["adapter_params"]["default"]
+    assert s["total"] == sum(p.numel() for p in model.parameters()) and s["active"] == "default"
+    randomize_adapters(model, "default")
+    model.train()
+    out = model(**inputs).last_hidden_state
+    assert (out - base).abs().max() > 1e-3  # the adapter now changes the hidden states
+    out.square().mean().backward()
+    for n, p in model.named_parameters():
+        if "effir_adapters" in n:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert not p.requires_grad and p.grad is None, n
+
+
+def test_backends_agree_in_a_model():
+    """The triton backend (interpreter) and the pure-torch one give the same injected training step."""
+    grads = {}
+    for backend in ["recompute", "triton", "reference"]:
+        model = make("bert")
+        effir.add_adapters(model, "double_seq_bn", backend=backend)
+        randomize_adapters(model, "default")
+        model(**batch()).last_hidden_state.square().mean().backward()
+        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for backend in ["triton", "reference"]:
+        for n, g in grads["recompute"].items():
+            torch.testing.assert_close(grads[backend][n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_named_adapters_switch():
+    model = make("xlmr")
+    inputs = batch()
+    effir.add_adapters(model, "seq_bn", "lang_a", backend="recompute")
+    randomize_adapters(model, "lang_a", seed=1)
+    effir.add_adapters(model, "par_bn", "lang_b", reduction_factor=4, backend="recompute")
+    randomize_adapters(model, "lang_b", seed=2)
+    assert adapter_summary(model)["active"] == "lang_b"
+    with torch.no_grad():
+        ob = model(**inputs).last_hidden_state
+        set_active_adapter(model, "lang_a")
+        oa = model(**inputs).last_hidden_state
+        set_active_adapter(model, None)
+        o0 = model(**inputs).last_hidden_state
+    assert (oa - ob).abs().max() > 1e-3 and (oa - o0).abs().max() > 1e-3
+    set_active_adapter(model, "lang_a")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("effir_adapters.lang_a." in n for n in trainable)
+    with pytest.raises(ValueError, match="lang_a"):
+        effir.add_adapters(model, "seq_bn", "lang_a")
+    with pytest.raises(ValueError, match="unknown adapter 'nope'.*lang_a"):
+        set_active_adapter(model, "nope")
+
+
+def test_save_load_round_trip(tmp_path):
+    model = make("roberta")
+    inputs = batch()
+    effir.add_adapters(model, "double_seq_bn", "ret", reduction_factor=8, backend="recompute")
+    randomize_adapters(model, "ret")
+    with torch.no_grad():
+        want = model(**inputs).last_hidden_state
+    effir.save_adapters(model, tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["name"] == "ret" and meta["config"]["reduction_factor"] == 8 and meta["hidden_size"] == 80
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    n_adapter = adapter_summary(model)["adapter_params"]["ret"]
+    assert size < 4 * n_adapter + 16384  # only the adapter weights (+ a small header)
+    fresh = make("roberta")
+    name = effir.load_adapters(fresh, tmp_path, backend="recompute")
+    assert name == "ret"
+    with torch.no_grad():
+        got = fresh(**inputs).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert adapter_summary(fresh)["trainable"] == n_adapter
+
+
+def test_errors_say_what_is_supported(tmp_path):
+    with pytest.raises(ValueError, match="unknown adapter config 'lora'.*seq_bn"):
+        effir.add_adapters(make("bert"), "lora")
+    with pytest.raises(ValueError, match="unknown adapter config overrides.*reduction"):
+        effir.add_adapters(make("bert"), "seq_bn", reduction=3)
+    with pytest.raises(ValueError, match="unsupported model.*BertModel"):
+        effir.add_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)), "seq_bn")
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        effir.add_adapters(make("bert"), "seq_bn", hidden_size=96)
+    with pytest.raises(ValueError, match="activation"):
+        effir.add_adapters(make("bert"), "seq_bn", non_linearity="tanhh")
+    small = make("bert")
+    effir.add_adapters(small, "seq_bn", backend="recompute")
+    effir.save_adapters(small, tmp_path)
+    with pytest.raises(ValueError, match="hidden size mismatch.*64.*96"):
+        effir.load_adapters(make("xlmr"), tmp_path)
+    with pytest.raises(ValueError, match="x must have shape"):
+        effir.BottleneckAdapter(16)(torch.randn(3, 15))
+
+
+def test_module_identity_and_autocast():
+    ad = effir.BottleneckAdapter(48, reduction_factor=16, activation="gelu", backend="recompute")
+    assert ad.bottleneck_size == 3 and torch.all(ad.up.weight == 0)
+    x = torch.randn(2, 7, 48)
+    torch.testing.assert_close(ad(x), x)
+    with torch.no_grad():
+        ad.up.weight.normal_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ad(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+
+
+def test_autocast_training_step_in_model():
+    model = make("bert")
+    effir.add_adapters(model, "seq_bn", backend="recompute")
+    randomize_adapters(model, "default")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch()).last_hidden_state
+    out.float().square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "effir_adapters" in n)
+
+
+def test_sentence_transformers_model(tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers import models as st_models
+    from tokenizers import Tokenizer, models as tm, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + list("abcdefgh"))}
+    tok = Tokenizer(tm.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=64, intermediate_size=96, **{**KW, "vocab_size": 12})).save_pretrained(tmp_path)
+    model = st.SentenceTransformer(modules=[st_models.Transformer(str(tmp_path)), st_models.Pooling(64, "mean")],
+                                   device="cpu")
+    sents = ["a b c", "d e f g h"]
+    e0 = model.encode(sents, convert_to_tensor=True)
+    effir.add_adapters(model, "seq_bn", backend="recompute")
+    assert len(find_adapter_sites(model)) == 4
+    torch.testing.assert_close(model.encode(sents, convert_to_tensor=True), e0, rtol=1e-5, atol=1e-5)
+    randomize_adapters(model, "default")
+    feats = model.tokenize(sents)
+    emb = model(feats)["sentence_embedding"]
+    emb.square().sum().backward()
+    assert all((p.grad is not None) == ("effir_adapters" in n) for n, p in model.named_parameters())
