@@ -85,14 +85,17 @@ def register_effir_flop_formulas() -> None:
 
 def analytic_step_flops(*, layers: int, hidden: int, intermediate: int, inputs: list[tuple[int, int]],
                         reduction: int | None, adapter_impl: str, loss_impl: str, loss_rows: int,
-                        loss_cols: int) -> dict:
+                        loss_cols: int, attention: str = "math", pooler: bool = False) -> dict:
     """Matmul FLOPs of one train step of a post-LN BERT dual encoder with frozen backbone + seq_bn adapters.
 
     inputs: padded (batch, tokens) of each encoder call (queries, passages). reduction: adapter bottleneck
     r = hidden // reduction (None: full fine-tuning, every weight trains). adapter_impl: "fused" (effir:
     backward recomputes the adapter and returns every gradient) or "autograd" (AdapterHub: autograd skips
     the input gradient of the first layer's adapter, which nothing upstream needs). loss_impl: "fused"
-    (backward recomputes S) or "autograd". Backward through a frozen linear costs one matmul (dX), through
+    (backward recomputes S) or "autograd". attention: "math" (CPU with a padding mask: torch decomposes sdpa
+    into bmm; backward = dP, dV, dQ, dK = 2x forward) or "fused" (a fused sdpa kernel; torch's formula also
+    counts the recomputed scores: 2.5x forward). pooler: the model runs BERT's pooler (a dense layer on the
+    first token, 2·b·H² per call, output unused so no backward) -- sentence-transformers loads one. Backward through a frozen linear costs one matmul (dX), through
     a trained one two (dX, dW); layer 1 needs no dX unless its own weights train (full fine-tuning still
     computes layer 1's dX, since the embedding LayerNorm trains; an embedding lookup has no matmul).
     """
@@ -105,8 +108,8 @@ def analytic_step_flops(*, layers: int, hidden: int, intermediate: int, inputs: 
         M = b * t
         lin = 8 * M * H * H + 4 * M * H * F  # QKV + O + FFN up + down
         att = 4 * b * t * t * H  # Q·Kᵀ and P·V over all heads
-        att_bwd = 10 * b * t * t * H  # torch's sdpa backward: recompute S, dP, dV, dQ, dK
-        out["encoder_forward"] += L * (lin + att)
+        att_bwd = (10 if attention == "fused" else 8) * b * t * t * H
+        out["encoder_forward"] += L * (lin + att) + (2 * b * H * H if pooler else 0)
         if full:
             # every layer: dX and dW of every linear
             out["encoder_backward"] += L * (2 * lin + att_bwd)

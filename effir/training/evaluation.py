@@ -18,7 +18,7 @@ from effir._paths import REPO_ROOT, cache_dir
 from .metrics_log import write_json_atomic
 
 # Paragraph subset per evaluation in the default (CPU) run: about a minute each on 2 cores.
-DEFAULT_MAX_PARAGRAPHS = {"xquad-r": 48, "mlqa-r": 48}
+DEFAULT_MAX_PARAGRAPHS = {"xquad-r": 24, "mlqa-r": 48}
 DISPLAY = {"xquad-r": "XQuAD-R", "mlqa-r": "MLQA-R"}
 
 
@@ -46,8 +46,11 @@ def cache_key(model: str, dataset: str, max_paragraphs, extra: dict | None = Non
 
 
 def run_evaluation(encoder, dataset: str, *, model_name: str, max_paragraphs, batch_size: int,
-                   cache: bool = False, cache_extra: dict | None = None, log=None) -> dict:
+                   cache: bool = False, cache_extra: dict | None = None, log=None, label: str = "",
+                   progress: bool = False) -> dict:
     """`effir.evaluate` on `dataset` (eval JSON format), from the cache when `cache` and already there."""
+    import sys
+
     from effir import evaluate
 
     path = None
@@ -58,12 +61,18 @@ def run_evaluation(encoder, dataset: str, *, model_name: str, max_paragraphs, ba
             result["cached"] = True
             if log is not None:
                 log.write("eval", dataset=dataset, cached=True, path=str(path))
+            if progress:
+                print(f"{DISPLAY.get(dataset, dataset)} {label}: cached ({path})", file=sys.stderr)
             return result
+    if progress:
+        subset = "all paragraphs" if max_paragraphs is None else f"{max_paragraphs} paragraph groups"
+        print(f"evaluating {DISPLAY.get(dataset, dataset)} {label} ({subset})", file=sys.stderr)
     was_training = encoder.training
     encoder.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
-        result = evaluate(encoder, dataset=dataset, max_paragraphs=max_paragraphs, batch_size=batch_size)
+        result = evaluate(encoder, dataset=dataset, max_paragraphs=max_paragraphs, batch_size=batch_size,
+                          show_progress=progress)
     result = dict(result)
     result["eval_wall_s"] = round(time.perf_counter() - t0, 2)
     result["max_paragraphs"] = max_paragraphs

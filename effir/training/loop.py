@@ -196,17 +196,23 @@ class _PeakMemory:
 
 
 class _SigintFlag:
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: stop at once.
 
-    def __init__(self):
+    Under torchrun SIGTERM is handled the same way: on Ctrl-C the torchrun agent terminates its workers
+    with SIGTERM (and SIGKILL 30 s later), so a worker must treat it as a request to checkpoint and stop.
+    """
+
+    def __init__(self, distributed: bool = False):
         self.set = False
-        self._old = None
+        self._signals = (signal.SIGINT, signal.SIGTERM) if distributed else (signal.SIGINT,)
+        self._old: dict = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread (e.g. a test runner thread): leave SIGINT alone
-            self._old = None
+        for sig in self._signals:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. a test runner thread): leave it alone
+                pass
         return self
 
     def _handler(self, signum, frame):
@@ -215,8 +221,8 @@ class _SigintFlag:
         self.set = True
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
 
 
@@ -365,7 +371,7 @@ class Trainer:
                        world_size=self.ctx.world_size, lr=self.cfg.resolved_lr())
         start = time.perf_counter()
         mem = _PeakMemory(self.ctx.device)
-        with mem, _SigintFlag() as sigint, Progress(self.total_steps, self.step, enabled=self.cfg.progress
+        with mem, _SigintFlag(self.ctx.distributed) as sigint, Progress(self.total_steps, self.step, enabled=self.cfg.progress
                                                and self.ctx.is_main) as bar:
             while self.step < self.total_steps:
                 rec = self.train_step()

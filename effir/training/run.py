@@ -24,7 +24,7 @@ from .metrics_log import JsonlLog, write_json_atomic
 
 # Default number of optimizer steps when neither --steps nor --epochs is given: a few minutes on a 2-core
 # CPU with the default encoder and batch (measured; see README), enough to move XQuAD-R Mul. mAP.
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 60
 EXIT_INTERRUPTED = 130
 
 
@@ -217,7 +217,7 @@ def run(cfg: TrainConfig, *, groups=None, on_step=None, print_fn=print) -> dict:
         metrics = {"config": cfg.to_dict(), "model": cfg.model, "precision": precision,
                    "world_size": ctx.world_size, "device": str(ctx.device), "languages": langs,
                    "training_groups": len(groups), "before": {}, "after": {}}
-        eval_kw = dict(model_name=cfg.model, batch_size=cfg.eval_batch_size, log=log)
+        eval_kw = dict(model_name=cfg.model, batch_size=cfg.eval_batch_size, log=log, progress=cfg.progress)
 
         # ---- before: the base encoder, cached on disk ---------------------------------------------
         if cfg.eval_before and ctx.is_main:
@@ -227,7 +227,7 @@ def run(cfg: TrainConfig, *, groups=None, on_step=None, print_fn=print) -> dict:
                 for d in cfg.eval_sets:
                     metrics["before"][d] = run_evaluation(
                         encoder, d, max_paragraphs=max_paragraphs_for(cfg, d), cache=cfg.eval_cache,
-                        **eval_kw)
+                        label="before training", **eval_kw)
             write_json_atomic(metrics_path, metrics)
         barrier(ctx)
 
@@ -260,7 +260,7 @@ def run(cfg: TrainConfig, *, groups=None, on_step=None, print_fn=print) -> dict:
         if cfg.eval_after and ctx.is_main:
             for d in cfg.eval_sets:
                 metrics["after"][d] = run_evaluation(encoder, d, max_paragraphs=max_paragraphs_for(cfg, d),
-                                                     cache=False, **eval_kw)
+                                                     cache=False, label="after training", **eval_kw)
         barrier(ctx)
         metrics["total_wall_s"] = round(time.perf_counter() - t_start, 2)
         metrics["exit_code"] = 0

@@ -1,0 +1,275 @@
+"""GPU section of the loss issue, called by bench/gpu_suite.py as `run(out, quick, budget_s)`.
+
+1. Correctness on the GPU: backend "triton" (and "cuda" when the extension loads) against the float64
+   reference, loss and every gradient, fp32 and bf16 inputs, with/without symmetric + groups + negatives,
+   odd B / M / d; error rule of tests/_errors.py (no worse than torch's own same-dtype error x 4).
+2. Forward+backward timings at B = N in {4096, 16384, 32768, 65536}, d in {384, 768}, bf16, unit-norm
+   embeddings, temperature 0.05, one direction (query -> passage, in-batch negatives): effir triton (and cuda),
+   the torch eager reference, torch.compile of it, sentence-transformers' MultipleNegativesRankingLoss
+   (`compute_loss_from_embeddings`, scale 20), memeff `MemoryEfficientQwen3Loss` (margin 2 = no false-negative
+   mask, normalized_inputs, stable=False) and inf-cl `cal_flash_loss` (head_dim 128, fp32 inside by design).
+   Peers are import-guarded: a missing one is recorded as "missing"; dense peers are recorded "oom" when their
+   estimated score-matrix memory would not fit (or when they raise OutOfMemoryError).
+   Per row: median ms (triton.testing.do_bench), peak memory above inputs, TFLOP/s = 8 B N d / time, and the
+   ratio to the bf16 matmul ceiling measured in the same run (bench/gpu/ceilings.py).
+Writes out/loss.json (one file) and returns the same dict.
+"""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from effir.backends import available_backends
+from effir.losses import info_nce
+from effir.reference.info_nce import info_nce_reference
+
+# the target size first, so that the issue's comparison is measured even when the time box runs out
+SIZES = [(32768, 768)] + [(b, d) for b in (4096, 16384, 32768, 65536) for d in (384, 768) if (b, d) != (32768, 768)]
+QUICK_SIZES = [(32768, 768)]
+TEMPERATURE = 0.05
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _loss_grads(fn, q, p, neg, t):
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, p, neg)]
+    tt = torch.tensor(t, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device,
+                      requires_grad=True)
+    out = fn(*leaves, tt)
+    w = torch.linspace(0.5, 1.5, out.numel(), device=q.device, dtype=out.dtype).reshape(out.shape)
+    return [out] + list(torch.autograd.grad((out * w).sum(), leaves + [tt]))
+
+
+def correctness(backends, quick, deadline):
+    rows = []
+    shapes = [(333, 77, 129)] if quick else [(1001, 257, 768), (333, 77, 129)]
+    cases = [(dt, sym) for dt in (torch.float32, torch.bfloat16) for sym in (False, True)]
+    for B, M, d in shapes:
+        g = torch.Generator(device="cuda").manual_seed(B + d)
+        x64 = torch.nn.functional.normalize(torch.randn(2 * B + M, d, generator=g, device="cuda",
+                                                        dtype=torch.float64), dim=1)
+        qg = torch.randint(0, B // 3, (B,), generator=g, device="cuda")
+        dg = torch.randint(0, B // 3, (B + M,), generator=g, device="cuda")
+        for dtype, sym in cases:
+            if time.time() > deadline:
+                rows.append({"skipped": "time budget", "B": B, "d": d, "dtype": str(dtype), "ok": False})
+                continue
+            x = x64.to(dtype)
+            q, p, neg = x[:B], x[B:2 * B], x[2 * B:]
+            kw = dict(symmetric=sym, query_groups=qg if sym else None, doc_groups=dg if sym else None,
+                      reduction="none")
+
+            def ref(q, p, n, t):
+                return info_nce_reference(q, p, n, temperature=t, **kw)
+
+            want = _loss_grads(ref, q.double(), p.double(), neg.double(), TEMPERATURE)
+            same = _loss_grads(ref, q, p, neg, TEMPERATURE)
+            floor = 8 * torch.finfo(dtype).eps
+            for be in backends:
+                try:
+                    got = _loss_grads(lambda q, p, n, t: info_nce(q, p, n, temperature=t, backend=be, **kw),
+                                      q, p, neg, TEMPERATURE)
+                    errs = [_rel(a, b) for a, b in zip(got, want)]
+                    bounds = [4 * max(_rel(s, b), floor) for s, b in zip(same, want)]
+                    rows.append({"backend": be, "B": B, "M": M, "d": d, "dtype": str(dtype), "symmetric": sym,
+                                 "groups": sym, "names": ["loss", "dq", "dp", "dneg", "dt"], "errs": errs,
+                                 "bounds": bounds, "ok": all(e <= b for e, b in zip(errs, bounds))})
+                except Exception as exc:
+                    rows.append({"backend": be, "B": B, "d": d, "dtype": str(dtype), "ok": False,
+                                 "error": f"{type(exc).__name__}: {exc}"[:400]})
+    return rows
+
+
+# ------------------------------------------------------------------ the contestants (q, p) -> scalar loss
+def _effir(backend):
+    return lambda q, p: info_nce(q, p, temperature=TEMPERATURE, backend=backend)
+
+
+def _eager(q, p):
+    return info_nce_reference(q, p, temperature=TEMPERATURE)
+
+
+_COMPILED = None
+
+
+def _compiled(q, p):
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_eager, dynamic=True)
+    return _COMPILED(q, p)
+
+
+def _st_mnrl():
+    try:
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+    except Exception as exc:
+        return None, f"missing ({type(exc).__name__}: {exc})"[:200]
+    try:
+        mod = MultipleNegativesRankingLoss(model=None, scale=1.0 / TEMPERATURE)
+        return (lambda q, p: mod.compute_loss_from_embeddings([q, p], None)), None
+    except Exception as exc:  # older sentence-transformers: the same math it used, written out
+        from sentence_transformers import util
+
+        note = f"compute_loss_from_embeddings unavailable ({type(exc).__name__}); util.cos_sim * scale + CE"
+
+        def f(q, p):
+            scores = util.cos_sim(q, p) * (1.0 / TEMPERATURE)
+            return torch.nn.functional.cross_entropy(scores, torch.arange(q.shape[0], device=q.device))
+
+        return f, note
+
+
+def _memeff():
+    try:
+        from memeff import MemoryEfficientQwen3Loss
+    except Exception as exc:
+        return None, f"missing ({type(exc).__name__}: {exc})"[:200]
+    mod = MemoryEfficientQwen3Loss(temperature=TEMPERATURE, margin=2.0, normalized_inputs=True, stable=False)
+    return (lambda q, p: mod(q, p)), None
+
+
+def _inf_cl():
+    try:
+        from inf_cl import cal_flash_loss
+    except Exception as exc:
+        return None, f"missing ({type(exc).__name__}: {exc})"[:200]
+    return (lambda q, p: cal_flash_loss(q, p, scale=1.0 / TEMPERATURE, head_dim=128).mean()), None
+
+
+def contestants(backends):
+    out = {f"effir_{b}": (_effir(b), None, False) for b in backends}
+    for name, maker, dense in (("memeff", _memeff, False), ("inf_cl", _inf_cl, False)):
+        fn, note = maker()
+        out[name] = (fn, note, dense)
+    out["torch_eager"] = (_eager, None, True)
+    fn, note = _st_mnrl()
+    out["st_mnrl"] = (fn, note, True)
+    out["torch_compile"] = (_compiled, None, True)  # last: its first call compiles (tens of seconds)
+    return out
+
+
+def _time_one(fn, q, p, quick):
+    import triton.testing as tt
+
+    leaves = [q.detach().requires_grad_(True), p.detach().requires_grad_(True)]
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        fn(*leaves).backward()
+
+    step()  # warm-up: compilation / autotuning outside the timing and the memory peak
+    torch.cuda.synchronize()
+    ms = tt.do_bench(step, warmup=5 if quick else 10, rep=20 if quick else 50, return_mode="median")
+    for x in leaves:
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return ms, torch.cuda.max_memory_allocated() - base
+
+
+def timings(backends, quick, deadline, matmul_flops):
+    rows = []
+    free = torch.cuda.mem_get_info()[0]
+    cont = contestants(backends)
+    for B, d in (QUICK_SIZES if quick else SIZES):
+        g = torch.Generator(device="cuda").manual_seed(B + d)
+        x = torch.nn.functional.normalize(torch.randn(2 * B, d, generator=g, device="cuda"), dim=1).bfloat16()
+        q, p = x[:B].contiguous(), x[B:].contiguous()
+        del x
+        flops = 8.0 * B * B * d
+        for name, (fn, note, dense) in cont.items():
+            row = {"name": name, "B": B, "N": B, "d": d, "dtype": "bfloat16", "flops": flops}
+            if fn is None:
+                rows.append({**row, "status": note})
+                continue
+            # dense peers hold ~ bf16 scores + fp32 logits, softmax and grad: ~14 bytes per score
+            if dense and 14.0 * B * B > 0.8 * free:
+                rows.append({**row, "status": f"oom (estimated {14.0 * B * B / 2**30:.0f} GiB of scores)"})
+                continue
+            if time.time() > deadline:
+                rows.append({**row, "status": "skipped: time budget"})
+                continue
+            try:
+                ms, peak = _time_one(fn, q, p, quick)
+                tf = flops / (ms * 1e-3)
+                rows.append({**row, "status": "ok", "note": note, "fwd_bwd_ms": ms, "peak_bytes": peak,
+                             "tflops": tf / 1e12,
+                             "frac_of_matmul": (tf / matmul_flops) if matmul_flops else None})
+            except torch.OutOfMemoryError:
+                rows.append({**row, "status": "oom"})
+            except Exception as exc:
+                rows.append({**row, "status": f"error: {type(exc).__name__}: {exc}"[:400],
+                             "trace": traceback.format_exc()[-1500:]})
+            torch.cuda.empty_cache()
+        del q, p
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _summary(rows):
+    """The issue's GPU targets at B = N = 32768, d = 768 (when measured)."""
+    at = {r["name"]: r for r in rows if r.get("B") == 32768 and r.get("d") == 768 and r.get("status") == "ok"}
+    tri = at.get("effir_triton")
+    if not tri:
+        return {"note": "effir_triton not measured at B = N = 32768, d = 768"}
+    s = {"triton_ms": tri["fwd_bwd_ms"], "triton_frac_of_matmul": tri.get("frac_of_matmul"),
+         "triton_peak_bytes": tri["peak_bytes"],
+         "inputs_bytes": 2 * 32768 * 768 * 2}
+    for peer in ("memeff", "inf_cl", "torch_eager", "torch_compile", "st_mnrl"):
+        if peer in at:
+            s[f"speedup_vs_{peer}"] = at[peer]["fwd_bwd_ms"] / tri["fwd_bwd_ms"]
+    return s
+
+
+def run(out, quick: bool = False, budget_s: float = 170.0) -> dict:
+    t0 = time.time()
+    deadline = t0 + budget_s
+    backends = [b for b in available_backends("loss", "cuda") if b in ("triton", "cuda")]
+    res = {"backends": backends}
+    try:
+        from bench.gpu import ceilings
+
+        res["matmul_bf16"] = ceilings.matmul_rate(8192, reps=10)
+    except Exception as exc:
+        res["matmul_bf16"] = {"error": f"{type(exc).__name__}: {exc}"}
+    mm = res["matmul_bf16"].get("flop_per_s")
+    try:
+        res["correctness"] = correctness(backends, quick, t0 + 0.3 * budget_s)
+    except Exception as exc:
+        res["correctness"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
+    try:
+        res["timing"] = timings(backends, quick, deadline - 5, mm)
+        res["targets"] = _summary(res["timing"])
+    except Exception as exc:
+        res["timing"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
+    res["seconds"] = round(time.time() - t0, 1)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "loss.json").write_text(json.dumps(res, indent=1, default=str))
+    _print_table(res)
+    return res
+
+
+def _print_table(res):
+    print("loss section: correctness", [(r.get("backend"), r.get("dtype"), r.get("symmetric"), r.get("ok"))
+                                       for r in res.get("correctness", []) if isinstance(r, dict)]
+          if isinstance(res.get("correctness"), list) else res.get("correctness"))
+    if isinstance(res.get("timing"), list):
+        for r in res["timing"]:
+            if r.get("status") == "ok":
+                print(f"  {r['name']:14s} B=N={r['B']:6d} d={r['d']:4d} {r['fwd_bwd_ms']:9.2f} ms "
+                      f"{r['tflops']:7.1f} TFLOP/s peak {r['peak_bytes'] / 2**20:9.1f} MiB")
+            else:
+                print(f"  {r['name']:14s} B=N={r['B']:6d} d={r['d']:4d} {r['status']}")
+    print("  targets:", res.get("targets"))
