@@ -142,15 +142,16 @@ def _plot(rows, path: Path) -> None:
     except Exception as exc:  # plotting is a convenience; the JSON holds the numbers
         print(f"bench_loss: no plot ({exc})")
         return
-    labels = [f"{r['backend']}\nB={r['B']} N={r['N']}\nd={r['d']} {r['dtype']}" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(rows)), 4.5))
+    labels = [f"{r['backend']} B={r['B']} N={r['N']} d={r['d']} {r['dtype']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.4 * len(rows)), 5.5))
     axes[0].bar(range(len(rows)), [r["time_s"] * 1e3 for r in rows])
     axes[0].set_ylabel("fwd+bwd time (ms)")
     axes[1].bar(range(len(rows)), [r["peak_bytes"] / 2**20 for r in rows], color="tab:orange")
     axes[1].set_ylabel("peak memory (MiB)")
     for ax in axes:
+        ax.set_yscale("log")
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, fontsize=6)
+        ax.set_xticklabels(labels, fontsize=7, rotation=40, ha="right")
     fig.suptitle(f"effir InfoNCE forward+backward on {DEVICE.type}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

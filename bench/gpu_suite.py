@@ -81,9 +81,29 @@ def install_wheels() -> dict:
     return {"wheels": [Path(w).name for w in wheels], "rc": p.returncode, "stderr": p.stderr[-2000:]}
 
 
+def cuda_include_env() -> None:
+    """Append torch's pip CUDA headers (site-packages/nvidia/cu13/include: cuBLAS & co.) to CPATH.
+
+    CUDA_HOME's own include directory comes first on nvcc's command line, so these only fill in headers the
+    toolkit lacks (as on the CPU machines here, where /usr/local/cuda has no cuBLAS headers).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return
+    site = Path(spec.origin).resolve().parent.parent
+    extra = [str(p) for p in (site / "nvidia" / "cu13" / "include", site / "nvidia" / "cu12" / "include") if p.is_dir()]
+    old = os.environ.get("CPATH", "")
+    os.environ["CPATH"] = os.pathsep.join([*([old] if old else []), *extra])
+    if not os.environ.get("CUDA_HOME") and Path("/usr/local/cuda/bin/nvcc").exists():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def start_jit_build(out: Path, build_dir: Path) -> subprocess.Popen:
     """Compile the extension in a background process (ninja, all cores) while the GPU does other sections."""
     build_dir.mkdir(parents=True, exist_ok=True)
+    cuda_include_env()
     code = (
         "import sys, time; sys.path.insert(0, %r); import csrc_build as cb; "
         "from torch.utils.cpp_extension import load; t = time.time(); "

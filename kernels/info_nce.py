@@ -21,28 +21,38 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+# fp32 tiles take twice the shared memory of bf16 ones: a smaller tile keeps every kernel (the backward ones
+# hold a score tile plus two operand pipelines) inside the 228 KB of an H100 SM. fp32 is the exact path, not the
+# fast one.
+_FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2)
+
+
 def _configs(bwd: bool):
-    """Autotune space. EFFIR_TRITON_AUTOTUNE: "small" (default, 2 configs: a fresh GPU machine compiles every
-    config of every constexpr variant, so this keeps first calls to seconds), "full" (BLOCK 64/128 x num_warps
-    4/8 x num_stages 3/4, 12 configs), "0" (one config, no tuning). Small problems (B * N < 2**22) skip tuning
-    (`_prune`): they are too short for the choice to matter, and it saves the compiles."""
+    """Autotune space (16-bit inputs; fp32 always runs `_FP32`). EFFIR_TRITON_AUTOTUNE: "small" (default,
+    2 configs: a fresh GPU machine compiles every config of every constexpr variant, so this keeps first calls
+    to seconds), "full" (BLOCK 64/128 x num_warps 4/8 x num_stages 3/4, 12 configs), "0" (one config, no
+    tuning). Small problems (B * N < 2**22) skip tuning (`_prune`): too short for the choice to matter."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # CPU interpreter: one tiny config, no autotuning
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     mode = os.environ.get("EFFIR_TRITON_AUTOTUNE", "small")
     if mode == "0":
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3)]
-    if mode == "small":
+        shapes = [(128, 128, 8, 3)]
+    elif mode == "small":
         shapes = [(128, 128, 8, 3), (128, 64, 4, 4)]
     else:
         shapes = [(bm, bn, w, st) for bm, bn in ((128, 128), (128, 64), (64, 128)) for w in (4, 8) for st in (3, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in shapes]
+            for bm, bn, w, st in shapes] + [_FP32]
 
 
 def _prune(configs, named_args, **kwargs):
+    """fp32 -> the fp32 tile only; 16-bit -> the 16-bit tiles, only the first for small problems."""
+    if kwargs.get("IEEE"):
+        return [_FP32]
+    half = [c for c in configs if c is not _FP32]
     if named_args["B"] * named_args["N"] < (1 << 22):
-        return configs[:1]
-    return configs
+        return half[:1]
+    return half
 
 
 _PRUNE = {"early_config_prune": _prune}
