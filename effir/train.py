@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0)")
     o.add_argument("--temperature", type=float, help="InfoNCE temperature (default 0.05)")
     o.add_argument("--learnable-temperature", action="store_true", help="learn the temperature")
-    o.add_argument("--steps", type=int, help="optimizer steps (default 60)")
+    o.add_argument("--steps", type=int, help="optimizer steps (default 24)")
     o.add_argument("--epochs", type=float, help="passes over the sampler's epoch instead of --steps")
     o.add_argument("--precision", choices=PRECISIONS, help="autocast dtype; fp16 adds a GradScaler "
                                                            "(default auto: bf16 on GPU, fp32 on CPU)")

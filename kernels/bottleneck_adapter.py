@@ -385,6 +385,12 @@ def _blocks(d: int, r: int, dtype: torch.dtype):
     return block_m, block_k, block_r
 
 
+def _stages(x: torch.Tensor) -> int:
+    # the chunk loops re-read a row block that sits in L1/L2: deep software pipelining buys little and its
+    # multi-buffered (BLOCK_M, BLOCK_K) / (BLOCK_K, BLOCK_R) tiles would overflow shared memory in fp32 / fp64
+    return 2 if x.element_size() == 2 else 1
+
+
 def _warps(bm: int, bk: int, br: int) -> int:
     # four (BLOCK_M, BLOCK_R) and three (BLOCK_M, BLOCK_K) fp32 tiles live at once in the backward: spread them
     return 8 if bm * max(bk, br) >= 4096 else 4
@@ -409,7 +415,8 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
         x, res if res is not None else dummy, w_down, b_down, w_up, b_up,
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy, y,
         m, d, r, float(scaling), float(eps), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation],
-        HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln, num_warps=_warps(bm, bk, br), **_flags(x))
+        HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln, num_warps=_warps(bm, bk, br),
+        num_stages=_stages(x), **_flags(x))
     return y
 
 
@@ -443,7 +450,7 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
         dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb, dx,
         dres if has_res else dummy, hbuf, dabuf, stats, m, d, r, float(scaling), float(eps),
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=_warps(bm, bk, br),
-        **flags)
+        num_stages=_stages(x), **flags)
     # parameter-gradient tiles: two (BLOCK_DC, BLOCK_R) fp32 accumulators per program
     block_dc = max(16, min(bk, 4096 // br))
     block_m2 = max(16, min(64, 4096 // br)) if x.dtype != torch.float64 else max(16, min(32, 2048 // br))
@@ -461,7 +468,7 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     _bwd_params_kernel[(n_dc, splits)](
         dy, x, res if has_res else dummy, w_down, w_up, b_up, lnw, lnb, hbuf, dabuf, stats,
         pwd, pbd, pwu, pbu, plnw, plnb, m, d, r, rows_per_split, float(scaling),
-        BLOCK_M=block_m2, BLOCK_DC=block_dc, BLOCK_R=br, num_warps=4, **flags)
+        BLOCK_M=block_m2, BLOCK_DC=block_dc, BLOCK_R=br, num_warps=4, num_stages=_stages(x), **flags)
     # fixed-order sums over the splits: deterministic
     dw_down = pwd.sum(0).to(w_down.dtype)
     db_down = pbd.sum(0).to(b_down.dtype)

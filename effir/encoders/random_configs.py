@@ -52,14 +52,13 @@ def random_encoder(arch: str, *, seed: int = 0, pooling=None, dtype=None, device
     cfg = random_config(arch, **overrides)
     if cfg.vocab_size < 250002:
         raise ValueError(f"vocab_size must be >= 250002 (the tokenizer's pieces), got {cfg.vocab_size}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)  # initialised where it will run: seconds saved for 278M-471M parameters
         model = AutoModel.from_config(cfg, add_pooling_layer=False)
     model.eval()
     if dtype is not None:
         model.to(dtype)
-    if device is not None:
-        model.to(device)
     if isinstance(tokenizer, str) and tokenizer == "default":
         tokenizer = load_fast_tokenizer(build_default() / "tokenizer.json", 512)
     return Encoder(model, tokenizer, name=f"{arch}-like (RANDOM weights, benchmarks only)",

@@ -1,8 +1,8 @@
 """Zero-shot evaluation around training: the before/after runs, the on-disk cache, the printed table.
 
 The "before" evaluation of an unchanged base encoder only depends on the model, the data set and the
-subset, so it is cached under `$EFFIR_CACHE/train-eval/` keyed by those (plus a hash of the evaluation
-and encoder source code, so a code change never serves a stale number); re-runs skip it.
+subset, so it is cached under `$EFFIR_CACHE/train-eval/` keyed by those (plus effir's version and a cache
+format number); re-runs skip it (`--no-eval-cache` recomputes).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from effir._paths import REPO_ROOT, cache_dir
+from effir._paths import cache_dir
 
 from .metrics_log import write_json_atomic
 
@@ -30,18 +30,16 @@ def max_paragraphs_for(cfg, dataset: str) -> int | None:
     return DEFAULT_MAX_PARAGRAPHS[dataset]
 
 
-def _source_hash() -> str:
-    h = hashlib.sha256()
-    for folder in ("evaluation", "encoders"):
-        for path in sorted((REPO_ROOT / "effir" / folder).glob("*.py")):
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+CACHE_FORMAT = 1  # bump when the evaluation's definition or output changes
 
 
 def cache_key(model: str, dataset: str, max_paragraphs, extra: dict | None = None) -> str:
+    """Key of a cached base-encoder evaluation: model + dataset + subset (+ effir's version and the cache
+    format). `--no-eval-cache` recomputes after a change the key does not see (e.g. a rebuilt local model)."""
+    from effir import __version__
+
     payload = {"model": str(model), "dataset": dataset, "max_paragraphs": max_paragraphs,
-               "code": _source_hash(), **(extra or {})}
+               "effir": __version__, "format": CACHE_FORMAT, **(extra or {})}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
