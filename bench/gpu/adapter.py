@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from tests._errors import _ULPS, FACTOR, rel_err
+
 from effir.backends import available_backends
 from effir.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapter_layernorm
 from effir.reference.bottleneck_adapter import (bottleneck_adapter_layernorm_reference,
@@ -66,9 +68,6 @@ def _grads(fn, p, variant):
     return [y] + list(torch.autograd.grad(y, used, p["dy"].to(y.dtype)))
 
 
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def correctness(backends, quick, deadline):
@@ -89,9 +88,9 @@ def correctness(backends, quick, deadline):
         same = _grads(_fn(variant, None, act), p, variant)
         for be in backends:
             got = _grads(_fn(variant, be, act), p, variant)
-            floor = 8 * torch.finfo(dtype).eps
-            errs = [_rel(g, r_) for g, r_ in zip(got, ref)]
-            bounds = [4 * max(_rel(s, r_), floor) for s, r_ in zip(same, ref)]
+            floor = _ULPS * torch.finfo(dtype).eps
+            errs = [rel_err(g, r_) for g, r_ in zip(got, ref)]
+            bounds = [FACTOR * max(rel_err(s, r_), floor) for s, r_ in zip(same, ref)]
             rows.append({"backend": be, "dtype": str(dtype), "variant": variant, "act": act,
                          "M": m, "d": d, "r": r, "max_err": max(errs),
                          "ok": all(e <= b for e, b in zip(errs, bounds)),

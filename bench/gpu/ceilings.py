@@ -7,31 +7,19 @@ after warm-up, median of repeats.
 """
 from __future__ import annotations
 
-import statistics
 
 import torch
 
+from bench.gpu._timing import median_ms
 
-def _median_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+
 
 
 def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> dict:
     """Device-to-device copy of `nbytes` (far above L2): (read + written) bytes / s."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), warmup=3, reps=reps)
+    ms = median_ms(lambda: dst.copy_(src), warmup=3, reps=reps)
     del src, dst
     return {"bytes": nbytes, "median_ms": ms, "bytes_per_s": 2 * nbytes / (ms * 1e-3)}
 
@@ -41,7 +29,7 @@ def matmul_rate(n: int = 8192, reps: int = 20) -> dict:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = _median_ms(lambda: torch.mm(a, b, out=c), warmup=5, reps=reps)
+    ms = median_ms(lambda: torch.mm(a, b, out=c), warmup=5, reps=reps)
     del a, b, c
     return {"n": n, "median_ms": ms, "flop_per_s": 2 * n**3 / (ms * 1e-3)}
 

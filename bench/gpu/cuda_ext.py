@@ -14,31 +14,19 @@ from __future__ import annotations
 
 import re
 import shutil
-import statistics
 import subprocess
 import time
 import traceback
 
 import torch
 
+from bench.gpu._timing import median_ms
+
 from tests._errors import FACTOR, _ULPS, rel_err
 
 DEV = "cuda"
 
 
-def _median_ms(fn, warmup=3, reps=10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 def _judge(name, out, ref64, same, dtype) -> dict:
@@ -133,9 +121,9 @@ def loss_timing(quick: bool, deadline: float) -> list[dict]:
 
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-                ms = _median_ms(fwd_bwd, warmup=2, reps=5 if quick else 10)
+                ms = median_ms(fwd_bwd, warmup=2, reps=5 if quick else 10)
                 peak = torch.cuda.max_memory_allocated() - base
-                ms_f = _median_ms(fwd, warmup=2, reps=5 if quick else 10)
+                ms_f = median_ms(fwd, warmup=2, reps=5 if quick else 10)
                 flops = 8.0 * B * B * d  # S forward; S again, dQ and dD backward (recompute)
                 res.append({"B": B, "N": B, "d": d, "dtype": "bfloat16", "backend": backend, "fwd_bwd_ms": ms,
                             "fwd_ms": ms_f, "tflops": flops / (ms * 1e-3) / 1e12, "peak_extra_bytes": peak})
@@ -234,9 +222,9 @@ def adapter_timing(quick: bool, deadline: float) -> list[dict]:
                     def fwd_bwd():
                         fwd().backward(dy)
 
-                    ms = _median_ms(fwd_bwd, warmup=2, reps=5 if quick else 10)
+                    ms = median_ms(fwd_bwd, warmup=2, reps=5 if quick else 10)
                     with torch.no_grad():
-                        ms_f = _median_ms(fwd, warmup=2, reps=5 if quick else 10)
+                        ms_f = median_ms(fwd, warmup=2, reps=5 if quick else 10)
                     e = 2  # bf16 bytes
                     n_in = 2 if variant == "ln_after" else 1
                     # minimal bytes: fwd reads x (+res) writes y; bwd reads x (+res), dy, writes dx (+dres)

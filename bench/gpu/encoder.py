@@ -12,10 +12,11 @@ section records why and still times the random-weight model. < 1 minute on an H1
 from __future__ import annotations
 
 import random
-import statistics
 import time
 
 import torch
+
+from bench.gpu._timing import median_ms
 
 _WORDS = ("retrieval multilingual passage query river city king war year first new science history "
           "Wissenschaft Geschichte Stadt ciudad historia río город история наука 科学 历史 城市 "
@@ -28,19 +29,6 @@ def _flops(cfg, batch: int, seq: int) -> float:
     return float(batch * seq * layers * per_token)
 
 
-def _median_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def time_forward(encoder, shapes, reps: int) -> list[dict]:
@@ -51,7 +39,7 @@ def time_forward(encoder, shapes, reps: int) -> list[dict]:
         ids = torch.randint(5, vocab, (batch, seq), device="cuda", generator=g)
         mask = torch.ones_like(ids)
         with torch.inference_mode():
-            ms = _median_ms(lambda: encoder(ids, mask), warmup=3, reps=reps)
+            ms = median_ms(lambda: encoder(ids, mask), warmup=3, reps=reps)
         rows.append({"batch": batch, "seq": seq, "median_ms": ms, "texts_per_s": batch / (ms * 1e-3),
                      "tokens_per_s": batch * seq / (ms * 1e-3),
                      "tflop_per_s": _flops(encoder.model.config, batch, seq) / (ms * 1e-3) / 1e12})

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from tests._errors import _ULPS, FACTOR, rel_err
+
 from effir.backends import available_backends
 from effir.losses import info_nce
 from effir.reference.info_nce import info_nce_reference
@@ -34,9 +36,6 @@ TEMPERATURE = 0.05
 DEVICE = "cuda"  # a CPU smoke run of this file's logic sets "cpu", small SIZES and backends=("chunked",)
 
 
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def _loss_grads(fn, q, p, neg, t):
@@ -75,13 +74,13 @@ def correctness(backends, quick, deadline):
 
         want = _loss_grads(ref, q.double(), p.double(), neg.double(), TEMPERATURE)
         same = _loss_grads(ref, q, p, neg, TEMPERATURE)
-        floor = 8 * torch.finfo(dtype).eps
+        floor = _ULPS * torch.finfo(dtype).eps
         for be in backends:
             try:
                 got = _loss_grads(lambda q, p, n, t: info_nce(q, p, n, temperature=t, backend=be, **kw),
                                   q, p, neg, TEMPERATURE)
-                errs = [_rel(a, b) for a, b in zip(got, want)]
-                bounds = [4 * max(_rel(s, b), floor) for s, b in zip(same, want)]
+                errs = [rel_err(a, b) for a, b in zip(got, want)]
+                bounds = [FACTOR * max(rel_err(s, b), floor) for s, b in zip(same, want)]
                 rows.append({"backend": be, "B": B, "M": M, "d": d, "dtype": str(dtype), "symmetric": sym,
                              "groups": sym, "names": ["loss", "dq", "dp", "dneg", "dt"], "errs": errs,
                              "bounds": bounds, "ok": all(e <= b for e, b in zip(errs, bounds))})
