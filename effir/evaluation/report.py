@@ -8,6 +8,10 @@ def _fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _short(x):
+    return "-" if x is None else ("1.00" if x >= 0.9995 else f"{x:.3f}"[1:])
+
+
 def summary_table(result: dict):
     """rich Table: Mo. / Cr. / Mul. mAP, R@1 (Mo., Cr.) / R@10 (Mul.) and the Mul. rank distance."""
     from rich.table import Table
@@ -30,15 +34,18 @@ def summary_table(result: dict):
 
 def matrix_table(result: dict):
     """rich Table of the query-language (rows) x pool-language (columns) mAP matrix."""
+    from rich import box
     from rich.table import Table
 
     langs = list(result["matrix"])
-    t = Table(title="mAP: query language (rows) x pool language (columns)")
-    t.add_column("q \\ p")
+    # No vertical rules and 3-digit cells: an 11 x 11 matrix fits an 80-column terminal.
+    t = Table(title="mAP: query language (rows) x pool language (columns)", box=box.SIMPLE_HEAD,
+              padding=(0, 0), pad_edge=False)
+    t.add_column("q\\p", no_wrap=True)
     for lang in langs:
-        t.add_column(lang, justify="right")
+        t.add_column(lang, justify="right", no_wrap=True, min_width=4)
     for q in langs:
-        t.add_row(q, *[_fmt(result["matrix"][q][p]) for p in langs])
+        t.add_row(q, *[_short(result["matrix"][q][p]) for p in langs])
     return t
 
 
