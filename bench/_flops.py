@@ -79,7 +79,8 @@ def register_effir_flop_formulas() -> None:
         keys = [op] if packet is None else [getattr(op, o) for o in op.overloads()]
         if any(k in fc.flop_registry for k in keys):
             continue
-        fc.register_flop_formula(op)(fn)
+        # torch's own sdpa formulas are already shape-wrapped: register them raw
+        fc.register_flop_formula(op, get_raw=fn in (fc.sdpa_flop, fc.sdpa_backward_flop))(fn)
     _REGISTERED = True
 
 

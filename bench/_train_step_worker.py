@@ -59,6 +59,12 @@ def build_peers(model_dir: str, reduction_factor: float, device: torch.device):
     adapters.init(hf)
     hf.add_adapter("bench", config=adapters.SeqBnConfig(reduction_factor=reduction_factor))
     hf.train_adapter("bench")  # freezes the backbone, adapter trainable
+    # Start from the identity like effir's adapters (zero up-projection), so both sides' first losses agree
+    # and check that the two steps compute the same thing; the init does not change the cost.
+    with torch.no_grad():
+        for name, prm in hf.named_parameters():
+            if "adapter_up" in name:
+                prm.zero_()
     st.to(device)
     loss = MultipleNegativesRankingLoss(st, scale=20.0)  # scale 20 = temperature 0.05, cosine similarity
 
@@ -66,6 +72,18 @@ def build_peers(model_dir: str, reduction_factor: float, device: torch.device):
         return loss([q, p], labels=None)
 
     return st, step_loss
+
+
+def _pin_malloc() -> None:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to pin
+        return
+    M_MMAP_THRESHOLD = -3
+    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    libc.malloc_trim(0)
 
 
 class _NvmlSampler:
@@ -115,6 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--loss-backend", default="auto")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--memory-only", action="store_true", help="skip the timed steps")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -149,28 +168,38 @@ def main(argv=None) -> int:
     from bench._flops import register_effir_flop_formulas
 
     register_effir_flop_formulas()  # effir's custom ops and CPU sdpa get formulas (see bench/_flops.py)
+    # Dropout off for this one step (eval mode changes no matmul): both sides then compute the same loss
+    # from the same weights and tokens, which checks that the two steps do the same thing.
+    module.eval()
     with FlopCounterMode(display=False) as fc:
         first_loss = step()
+    module.train()
     flops = fc.get_total_flops()
     by_op = {str(k): int(v) for k, v in fc.get_flop_counts().get("Global", {}).items()}
     for _ in range(args.warmup):
-        step()
-    # Peak memory of one step above the state after warm-up (weights, optimizer state already allocated).
-    with PeakMemory(device) as pm:
         step()
     times = []
     nvml = _NvmlSampler(device) if device.type == "cuda" else None
     if nvml is not None:
         nvml.start()
-    for _ in range(args.iters):
+    for _ in range(0 if args.memory_only else args.iters):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
     gpu = nvml.stop() if nvml is not None else {}
+    # Peak memory of one step above the state before it (weights, optimizer state already allocated).
+    # On CPU, glibc keeps freed blocks in its heap once its mmap threshold has grown, so the resident set
+    # would no longer follow torch's allocations: pin the threshold (every block >= 64 KiB is its own
+    # mapping, given back on free), hand the heap back, and take one untimed step to settle.
+    if device.type == "cpu":
+        _pin_malloc()
+        step()
+    with PeakMemory(device) as pm:
+        step()
     tokens = int(q["attention_mask"].sum() + p["attention_mask"].sum())
     padded = int(q["attention_mask"].numel() + p["attention_mask"].numel())
     B = int(q["input_ids"].shape[0])
-    med = statistics.median(times)
+    med = statistics.median(times) if times else float("nan")
     out = {
         "impl": args.impl,
         "batch_size": B,
