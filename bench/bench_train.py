@@ -5,10 +5,13 @@
 Same encoder (multilingual-e5-small, 4-bit weights, dequantized to fp32), same tokenized batch (a hybrid
 batch of the default training mix: 32 pairs, queries <= 32 tokens, passages <= 64, as in the default run), same step (encode
 both sides, InfoNCE at temperature 0.05 = MNRL scale 20, backward, AdamW), seq_bn adapters with reduction 16.
-Each side runs in its own fresh process (`bench/_train_step_worker.py`): effir with the main environment,
-the peers with .venv-peers (AdapterHub pins transformers 4.57); the two alternate (EFFIR_BENCH_ROUNDS,
+Each side runs in its own fresh process (`bench/_train_step_worker.py`), both with the .venv-peers
+interpreter (AdapterHub pins transformers 4.57; effir runs on it too), so both use the same torch and the
+same BERT implementation and the only difference is effir vs the peers; the two alternate (EFFIR_BENCH_ROUNDS,
 default 2, rounds of EFFIR_BENCH_ITERS timed steps, default 3) and the best median of each side counts, so background load hits both alike. Reported per side: step time,
-examples/s, tokens/s, peak memory of one step above the warmed-up state (bench/_common.PeakMemory),
+examples/s, tokens/s, peak memory of one step above the warmed-up state (on CPU the compared figure is the
+peak of live torch allocations from torch.profiler's memory events, exact and deterministic; the resident
+set from bench/_common.PeakMemory is kept as `peak_rss_bytes`, informational; on a GPU torch's allocator peak),
 FLOPs per step (torch.utils.flop_counter, checked against bench/_flops.analytic_step_flops) and, on a
 GPU, utilisation / memory / power from nvidia-ml-py. Results: bench/results/train_step_<device>.json.
 """
@@ -17,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -100,7 +102,7 @@ def test_train_step_vs_peers(benchmark, prepared, tmp_path):
 
     def compare():
         for rnd in range(ROUNDS):
-            for impl, py in (("effir", Path(sys.executable)), ("peers", PEER_PY)):
+            for impl, py in (("effir", PEER_PY), ("peers", PEER_PY)):  # same interpreter: same transformers
                 runs[impl].append(_run_worker(py, impl, model_dir, batch_file, tmp_path / f"{impl}{rnd}.json",
                                               device))
 
@@ -108,6 +110,7 @@ def test_train_step_vs_peers(benchmark, prepared, tmp_path):
     benchmark.pedantic(compare, rounds=1, iterations=1)
     best = {k: min(v, key=lambda r: r["step_s_median"]) for k, v in runs.items()}
     mem = {k: min(r["peak_memory_bytes"] for r in v) for k, v in runs.items()}
+    rss = {k: min(r["peak_rss_bytes"] for r in v) for k, v in runs.items()}
     # effir's saved encoder has no pooler; sentence-transformers' Transformer loads BertModel with one
     flops = {"effir": _check_flops(best["effir"], dims, "fused", "fused", pooler=False),
              "peers": _check_flops(best["peers"], dims, "autograd", "autograd", pooler=True)}
@@ -118,10 +121,12 @@ def test_train_step_vs_peers(benchmark, prepared, tmp_path):
                   "passage_padded": best["effir"]["passage_tokens_padded"], "tokens": best["effir"]["tokens"]},
         "effir": {**{k: best["effir"][k] for k in ("step_s_median", "examples_per_s", "tokens_per_s",
                                                   "trainable_parameters", "first_loss")},
-                  "peak_memory_bytes": mem["effir"], "flops": flops["effir"]},
+                  "peak_memory_bytes": mem["effir"], "peak_rss_bytes": rss["effir"], "flops": flops["effir"],
+                  "transformers_version": best["effir"]["transformers_version"]},
         "peers": {**{k: best["peers"][k] for k in ("step_s_median", "examples_per_s", "tokens_per_s",
                                                   "trainable_parameters", "first_loss")},
-                  "peak_memory_bytes": mem["peers"], "flops": flops["peers"]},
+                  "peak_memory_bytes": mem["peers"], "peak_rss_bytes": rss["peers"], "flops": flops["peers"],
+                  "transformers_version": best["peers"]["transformers_version"]},
         "speedup_effir_over_peers": best["peers"]["step_s_median"] / best["effir"]["step_s_median"],
         "memory_ratio_effir_over_peers": mem["effir"] / mem["peers"],
         "all_runs": runs,
@@ -134,8 +139,9 @@ def test_train_step_vs_peers(benchmark, prepared, tmp_path):
     path = write_results(f"train_step_{device}", summary)
     print(f"\ntrain step ({device}, {BATCH} pairs): effir {summary['effir']['step_s_median']:.3f} s "
           f"({summary['effir']['examples_per_s']:.1f} ex/s, {summary['effir']['tokens_per_s']:.0f} tok/s, "
-          f"peak +{mem['effir'] / 2**20:.0f} MiB) vs ST MNRL + AdapterHub {summary['peers']['step_s_median']:.3f} s "
-          f"({summary['peers']['examples_per_s']:.1f} ex/s, peak +{mem['peers'] / 2**20:.0f} MiB): "
+          f"peak +{mem['effir'] / 2**20:.1f} MiB, rss +{rss['effir'] / 2**20:.0f} MiB) vs ST MNRL + AdapterHub {summary['peers']['step_s_median']:.3f} s "
+          f"({summary['peers']['examples_per_s']:.1f} ex/s, peak +{mem['peers'] / 2**20:.1f} MiB, "
+          f"rss +{rss['peers'] / 2**20:.0f} MiB; transformers {best['peers']['transformers_version']}): "
           f"speed-up x{summary['speedup_effir_over_peers']:.2f}, memory x{summary['memory_ratio_effir_over_peers']:.2f}; "
           f"FLOPs/step effir {flops['effir']['counted']:.3e} (analytic ratio {flops['effir']['ratio']:.4f}), "
           f"peers {flops['peers']['counted']:.3e} (ratio {flops['peers']['ratio']:.4f}) -> {path}")
