@@ -86,10 +86,13 @@ def register_effir_flop_formulas() -> None:
 
 def analytic_step_flops(*, layers: int, hidden: int, intermediate: int, inputs: list[tuple[int, int]],
                         reduction: int | None, adapter_impl: str, loss_impl: str, loss_rows: int,
-                        loss_cols: int, attention: str = "math", pooler: bool = False) -> dict:
+                        loss_cols: int, attention: str = "math", pooler: bool = False,
+                        unpadded: bool = False) -> dict:
     """Matmul FLOPs of one train step of a post-LN BERT dual encoder with frozen backbone + seq_bn adapters.
 
-    inputs: padded (batch, tokens) of each encoder call (queries, passages). reduction: adapter bottleneck
+    inputs: (batch, padded tokens[, real tokens]) of each encoder call (queries, passages). unpadded: the
+    encoder runs its position-wise layers on the real tokens only (effir's `Encoder(unpad=True)`), attention on
+    the padded grid; otherwise every matmul sees batch x padded tokens. reduction: adapter bottleneck
     r = hidden // reduction (None: full fine-tuning, every weight trains). adapter_impl: "fused" (effir:
     backward recomputes the adapter and returns every gradient) or "autograd" (AdapterHub: autograd skips
     the input gradient of the first layer's adapter, which nothing upstream needs). loss_impl: "fused"
@@ -105,8 +108,9 @@ def analytic_step_flops(*, layers: int, hidden: int, intermediate: int, inputs: 
     r = 0 if full else hidden // int(reduction)
     out = {"encoder_forward": 0, "encoder_backward": 0, "adapter_forward": 0, "adapter_backward": 0,
            "loss_forward": 0, "loss_backward": 0}
-    for b, t in inputs:
-        M = b * t
+    for item in inputs:
+        b, t = item[:2]
+        M = item[2] if unpadded and len(item) > 2 else b * t
         lin = 8 * M * H * H + 4 * M * H * F  # QKV + O + FFN up + down
         att = 4 * b * t * t * H  # Q·Kᵀ and P·V over all heads
         att_bwd = (10 if attention == "fused" else 8) * b * t * t * H

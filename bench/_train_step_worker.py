@@ -9,7 +9,8 @@ BATCH.pt holds the tokenized batch (same token ids for both sides: E5 "query: " 
 effir's tokenizer). DIR is the encoder (multilingual-e5-small, 4-bit weights, dequantized to fp32) as a
 Hugging Face BERT folder, loaded by both sides. The step: encode queries, encode passages (shared
 weights), in-batch InfoNCE at temperature 0.05 (= MNRL scale 20, cosine), backward, AdamW step.
-- effir: `effir.add_adapters(seq_bn)` (fused adapter op) + `effir.InfoNCELoss` (fused loss), the module
+- effir: `effir.add_adapters(seq_bn)` (fused adapter op) + `effir.InfoNCELoss` (fused loss) + the unpadded
+  encoder forward (`Encoder(unpad=True)`, the default), the module
   `effir.training.loop.DualEncoderLoss` that `python -m effir.train` runs.
 - peers: sentence-transformers Transformer + mean Pooling + Normalize, AdapterHub `seq_bn` adapter
   (`adapters.init`, `train_adapter`), `MultipleNegativesRankingLoss`.
@@ -232,6 +233,8 @@ def main(argv=None) -> int:
         "query_tokens_padded": list(q["input_ids"].shape),
         "passage_tokens_padded": list(p["input_ids"].shape),
         "tokens": tokens,
+        "query_tokens": int(q["attention_mask"].sum()),
+        "passage_tokens": int(p["attention_mask"].sum()),
         "padded_tokens": padded,
         "step_s_median": med,
         "step_s_all": times,

@@ -6,7 +6,7 @@ Each configuration is one `effir.training.run` (the code behind `python -m effir
 encoder (multilingual-e5-small, 4-bit weights) and training mix, followed by zero-shot XQuAD-R and MLQA-R.
 Reported per configuration: Mo./Cr./Mul. mAP and language bias (rank distance) before and after, training
 time, trainable parameters, peak memory of the training loop (above its start), and training FLOPs
-(analytic, bench/_flops.py, from the padded shapes of every step). Written to
+(analytic, bench/_flops.py, from the padded shapes and real token counts of every step). Written to
 bench/results/accuracy_cost_<device>.json and drawn as accuracy (XQuAD-R Mul. mAP) against cost
 (training FLOPs and training time), one point per configuration: bench/results/accuracy_cost_<device>.png.
 
@@ -54,7 +54,8 @@ def _flops(run_dir, dims: dict, adapters: bool) -> float:
         if r["event"] != "step":
             continue
         (bq, tq), (bp, tp) = r["q_shape"], r["p_shape"]
-        total += analytic_step_flops(**dims, inputs=[(bq, tq), (bp, tp)], reduction=16 if adapters else None,
+        inputs = [(bq, tq, r["q_tokens"]), (bp, tp, r["p_tokens"])]  # the encoder runs unpadded (the default)
+        total += analytic_step_flops(**dims, inputs=inputs, reduction=16 if adapters else None, unpadded=True,
                                      adapter_impl="fused", loss_impl="fused", loss_rows=bq, loss_cols=bp)["total"]
     return float(total)
 

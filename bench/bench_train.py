@@ -7,7 +7,8 @@ batch of the default training mix: 32 pairs, queries <= 32 tokens, passages <= 6
 both sides, InfoNCE at temperature 0.05 = MNRL scale 20, backward, AdamW), seq_bn adapters with reduction 16.
 Each side runs in its own fresh process (`bench/_train_step_worker.py`), both with the .venv-peers
 interpreter (AdapterHub pins transformers 4.57; effir runs on it too), so both use the same torch and the
-same BERT implementation and the only difference is effir vs the peers; the two alternate (EFFIR_BENCH_ROUNDS,
+same BERT implementation and the only difference is effir vs the peers (effir's encoder runs the
+position-wise layers on real tokens only, `Encoder(unpad=True)`, the default; the peers' on the padded batch); the two alternate (EFFIR_BENCH_ROUNDS,
 default 2, rounds of EFFIR_BENCH_ITERS timed steps, default 3) and the best median of each side counts, so background load hits both alike. Reported per side: step time,
 examples/s, tokens/s, peak memory of one step above the warmed-up state (on CPU the compared figure is the
 peak of live torch allocations from torch.profiler's memory events, exact and deterministic; the resident
@@ -82,12 +83,13 @@ def _run_worker(python: Path, impl: str, model_dir: Path, batch_file: Path, out:
     return json.loads(out.read_text())
 
 
-def _check_flops(res: dict, dims: dict, adapter_impl: str, loss_impl: str, pooler: bool) -> dict:
+def _check_flops(res: dict, dims: dict, adapter_impl: str, loss_impl: str, pooler: bool, unpadded: bool) -> dict:
     from bench._flops import analytic_step_flops
 
     (bq, tq), (bp, tp) = res["query_tokens_padded"], res["passage_tokens_padded"]
-    ana = analytic_step_flops(**dims, inputs=[(bq, tq), (bp, tp)], reduction=REDUCTION, adapter_impl=adapter_impl,
-                              loss_impl=loss_impl, loss_rows=bq, loss_cols=bp, pooler=pooler,
+    inputs = [(bq, tq, res["query_tokens"]), (bp, tp, res["passage_tokens"])]
+    ana = analytic_step_flops(**dims, inputs=inputs, reduction=REDUCTION, adapter_impl=adapter_impl,
+                              loss_impl=loss_impl, loss_rows=bq, loss_cols=bp, pooler=pooler, unpadded=unpadded,
                               attention="fused" if any("attention" in k for k in res["flops_by_op"]) else "math")
     counted = res["flops_per_step"]
     return {"analytic": ana, "counted": counted, "ratio": counted / ana["total"]}
@@ -112,8 +114,9 @@ def test_train_step_vs_peers(benchmark, prepared, tmp_path):
     mem = {k: min(r["peak_memory_bytes"] for r in v) for k, v in runs.items()}
     rss = {k: min(r["peak_rss_bytes"] for r in v) for k, v in runs.items()}
     # effir's saved encoder has no pooler; sentence-transformers' Transformer loads BertModel with one
-    flops = {"effir": _check_flops(best["effir"], dims, "fused", "fused", pooler=False),
-             "peers": _check_flops(best["peers"], dims, "autograd", "autograd", pooler=True)}
+    # effir's encoder runs unpadded (position-wise layers on real tokens only); the peers' on the padded batch
+    flops = {"effir": _check_flops(best["effir"], dims, "fused", "fused", pooler=False, unpadded=True),
+             "peers": _check_flops(best["peers"], dims, "autograd", "autograd", pooler=True, unpadded=False)}
     summary = {
         "device": device,
         "batch": {"pairs": BATCH, "max_query_tokens": MAX_Q, "max_passage_tokens": MAX_P,

@@ -18,6 +18,11 @@ KINDS = ("query", "passage")
 _INT_DTYPES = (torch.int64, torch.int32)
 
 
+def _widen(hidden: torch.Tensor) -> torch.Tensor:
+    """Pool in fp32 even under autocast (bf16/fp16 hidden states); fp64 models stay fp64."""
+    return hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+
+
 def check_texts(texts) -> list[str]:
     if isinstance(texts, str):
         raise ValueError("texts must be a list of str, got a single str (wrap it in a list)")
@@ -38,13 +43,16 @@ class Encoder(nn.Module):
     `pooling` ("mean" over the attention mask, or "cls" = first token), `normalize` (L2), `query_prefix`,
     `passage_prefix`, `name`, `hidden_size`, `max_length`, `long_inputs` ("window" or "truncate").
 
+    `unpad` (default True): padded batches run through the encoder on their real tokens only
+    (effir.encoders.packed): same embeddings, FLOPs proportional to the real tokens instead of B x L.
+
     Training path: `tokenize(texts, kind)` then `forward(input_ids, attention_mask)`.
     Inference path: `encode_queries(texts)` / `encode_passages(texts)`.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, name: str, pooling: str = "mean", normalize: bool = True,
                  query_prefix: str = "", passage_prefix: str = "", max_length: int = 512,
-                 long_inputs: str = "window"):
+                 long_inputs: str = "window", unpad: bool = True):
         super().__init__()
         check_choice("pooling", pooling, POOLINGS)
         check_choice("long_inputs", long_inputs, LONG_INPUTS)
@@ -69,6 +77,8 @@ class Encoder(nn.Module):
         self.passage_prefix = passage_prefix
         self.max_length = max_length
         self.long_inputs = long_inputs
+        self.unpad = bool(unpad)
+        self._unpad_reason: str | None | bool = False  # False: not checked yet (see _can_unpad)
         self.hidden_size = int(model.config.hidden_size)
         self._frame = None
         self.train(model.training)  # nn.Module starts in training mode; follow the model's own mode
@@ -124,7 +134,7 @@ class Encoder(nn.Module):
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled, not normalised: (B, hidden) float32."""
+        """Pooled, not normalised: (B, hidden) float32 (float64 for a float64 model)."""
         check_tensor("input_ids", input_ids, ndim=2, shape=(None, None), dtypes=_INT_DTYPES, device=self.device)
         check_tensor("attention_mask", attention_mask, shape=tuple(input_ids.shape),
                      dtypes=_INT_DTYPES + (torch.bool,), device=input_ids.device)
@@ -132,15 +142,48 @@ class Encoder(nn.Module):
         if token_type_ids is not None:
             kwargs["token_type_ids"] = check_tensor("token_type_ids", token_type_ids, shape=tuple(input_ids.shape),
                                                     dtypes=_INT_DTYPES, device=input_ids.device)
-        hidden = self.model(**kwargs)[0].float()  # (B, T, H); pool in fp32 even under autocast
+        if self._use_unpadded(attention_mask):
+            return self._pooled_unpadded(input_ids, attention_mask, token_type_ids)
+        hidden = _widen(self.model(**kwargs)[0])  # (B, T, H)
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
+    def _can_unpad(self) -> bool:
+        if self._unpad_reason is False:
+            from .packed import unpad_support
+
+            self._unpad_reason = unpad_support(self.model)
+            if self._unpad_reason is not None:
+                warnings.warn(f"effir: {self.name} runs padded (unpad=True is not available: "
+                              f"{self._unpad_reason})", stacklevel=4)
+        return self._unpad_reason is None
+
+    def _use_unpadded(self, attention_mask: torch.Tensor) -> bool:
+        """Only when it saves work and keeps the padded forward's meaning: some padding, no empty row, and for
+        "cls" pooling the first position real in every row (the padded forward pools position 0)."""
+        if not self.unpad or bool(attention_mask.all()):
+            return False
+        real = attention_mask.bool()
+        if not bool(real.any(1).all()) or (self.pooling == "cls" and not bool(real[:, 0].all())):
+            return False
+        return self._can_unpad()
+
+    def _pooled_unpadded(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        from .packed import packed_hidden_states
+
+        hidden, row = packed_hidden_states(self.model, input_ids, attention_mask, token_type_ids)
+        hidden = _widen(hidden)
+        counts = attention_mask.bool().sum(1)
+        if self.pooling == "cls":  # each row's tokens are contiguous: its first one starts the row's run
+            return hidden.index_select(0, torch.cumsum(counts, 0) - counts)
+        sums = hidden.new_zeros(input_ids.shape[0], hidden.shape[1]).index_add_(0, row, hidden)
+        return sums / counts.to(hidden.dtype).clamp_min(1.0)[:, None]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids (B, T) int64 + mask (B, T) -> embeddings (B, hidden) float32, L2-normalised if `normalize`.
+        """Token ids (B, T) int64 + mask (B, T) -> embeddings (B, hidden) float32 (float64 for a float64 model), L2-normalised if `normalize`.
 
         Gradients flow to the model; works under `torch.autocast` (pooling runs in fp32).
         """

@@ -98,10 +98,14 @@ def _(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation, scalin
 @torch.library.custom_op("effir::bottleneck_adapter_ln_bwd", mutates_args=())
 def _ln_bwd(dy: Tensor, x: Tensor, res: Optional[Tensor], w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
             ln_weight: Tensor, ln_bias: Tensor, activation: str, scaling: float, eps: float,
-            original_ln_before: bool, backend: str
+            original_ln_before: bool, backend: str, ln_param_grads: bool = True
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out = _impl(backend).adapter_ln_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation,
-                                        scaling, eps, original_ln_before)
+    impl = _impl(backend)
+    # a frozen LayerNorm (the usual case: adapters train, the backbone does not) needs no weight/bias gradient;
+    # backends that can skip those reductions say so (docs/backends.md, SUPPORTS_LN_GRAD_MASK)
+    kw = {"ln_param_grads": ln_param_grads} if getattr(impl, "SUPPORTS_LN_GRAD_MASK", False) else {}
+    out = impl.adapter_ln_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation,
+                              scaling, eps, original_ln_before, **kw)
     dx, dres = out[0], out[1]
     if res is None:  # Pfeiffer variant: x is z = h + t; an empty placeholder keeps the output schema fixed
         dres = x.new_empty(0)
@@ -112,7 +116,7 @@ def _ln_bwd(dy: Tensor, x: Tensor, res: Optional[Tensor], w_down: Tensor, b_down
 
 @_ln_bwd.register_fake
 def _(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation, scaling, eps, original_ln_before,
-      backend):
+      backend, ln_param_grads=True):
     dres = torch.empty_like(res) if res is not None else x.new_empty(0)
     return (torch.empty_like(x), dres, *(torch.empty_like(t) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias)))
 
@@ -126,9 +130,11 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_backward(ctx, dy):
     x, res, *params = ctx.saved_tensors
-    grads = _ln_bwd(dy.contiguous(), x, res if ctx.has_res else None, *params, *ctx.args)
+    ln_grads = any(ctx.needs_input_grad[6:8])
+    grads = _ln_bwd(dy.contiguous(), x, res if ctx.has_res else None, *params, *ctx.args, ln_grads)
     dres = grads[1] if ctx.has_res else None
-    return (grads[0], dres, *grads[2:], None, None, None, None, None)
+    dln = grads[6:8] if ln_grads else (None, None)
+    return (grads[0], dres, *grads[2:6], *dln, None, None, None, None, None)
 
 
 _ln_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)

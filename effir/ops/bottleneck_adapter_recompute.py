@@ -2,13 +2,16 @@
 
 Forward computes the output without keeping anything; backward recomputes the r-wide intermediate (and
 the LayerNorm statistics) from the saved inputs, so the op saves only its inputs. Math in fp32 (fp64 for
-fp64 inputs); outputs in the input dtype. Signatures: /work/notes/contract_adapter.md (same as the
+fp64 inputs); outputs in the input dtype. Signatures: docs/backends.md (same as the
 Triton and CUDA backends). All tensors 2-D (M, d) / parameter shapes, contiguous, one dtype.
+
+Every (M, d)-wide pass costs about as much as the r-wide matmuls on a CPU, so the code counts them:
+the up-projection, its bias, the scaling and the residual are one `addmm` (the bias rides along as an
+extra column of ones in the (M, r) activation); backward recomputes only the LayerNorm statistics of the
+post-adapter sum (never its output), folds the scaling into the r-wide tensors and skips the LayerNorm
+parameter gradients when they are frozen (`ln_param_grads=False`).
 """
 from __future__ import annotations
-
-# original_ln_before=True may be called with res=None and x = h + input_tensor (the op then saves only z)
-SUPPORTS_SUMMED_INPUT = True
 
 import math
 
@@ -16,6 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from effir.reference.bottleneck_adapter import activate
+
+# original_ln_before=True may be called with res=None and x = h + input_tensor (the op then saves only z)
+SUPPORTS_SUMMED_INPUT = True
+# adapter_ln_bwd accepts ln_param_grads=False (frozen LayerNorm: its two gradients come back as zeros)
+SUPPORTS_LN_GRAD_MASK = True
 
 
 def _cdt(x: torch.Tensor) -> torch.dtype:
@@ -32,83 +40,102 @@ def _act_grad(a: torch.Tensor, activation: str) -> torch.Tensor:
     return s * (1.0 + a * (1.0 - s))
 
 
-def _ln(v, w, b, eps):
-    """(out, saved) of a LayerNorm over the last dim; aten's fused kernels (one pass each way on CPU)."""
-    out, mean, rstd = torch.native_layer_norm(v, (v.shape[-1],), w, b, eps)
-    return out, (v, mean, rstd)
+def _stats(v: torch.Tensor, eps: float):
+    """(mean, rstd) of LayerNorm over the last dim, (M, 1). aten's fused layer norm (its output is thrown away)
+    is several times faster on CPU than torch.var_mean."""
+    _, mean, rstd = torch.native_layer_norm(v, (v.shape[-1],), None, None, eps)
+    return mean, rstd
 
 
-def _ln_bwd(dout, saved, w, b):
-    """(dv, dw, db) of out = LayerNorm(v) * w + b."""
-    v, mean, rstd = saved
-    dv, dw, db = torch.ops.aten.native_layer_norm_backward(dout, v, (v.shape[-1],), mean, rstd, w, b,
-                                                           [True, True, True])
-    return dv, dw, db
+def _up_residual(base, h, w_up, b_up, scaling):
+    """base + scaling * (h @ w_upᵀ + b_up) in one (M, d) pass: [h, 1] @ [w_up, b_up]ᵀ accumulated onto base."""
+    h1 = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+    w1 = torch.cat([w_up, b_up[:, None]], dim=1)
+    return torch.addmm(base, h1, w1.t(), alpha=scaling)
 
 
-def _forward(x, res, w_down, b_down, w_up, b_up, lnw, lnb, activation, scaling, eps, pre_ln, post_ln):
-    z = x if res is None else x + res
-    u, ln1 = _ln(z, lnw, lnb, eps) if pre_ln else (x, None)
+def _bottleneck(u, w_down, b_down, activation):
     a = F.linear(u, w_down, b_down)
-    h = activate(a, activation)
-    v = z + scaling * F.linear(h, w_up, b_up)
-    out, ln2 = _ln(v, lnw, lnb, eps) if post_ln else (v, None)
-    return out, dict(u=u, ln1=ln1, a=a, h=h, ln2=ln2)
+    return a, activate(a, activation)
 
 
-def _backward(dy, x, res, w_down, b_down, w_up, b_up, lnw, lnb, activation, scaling, eps, pre_ln, post_ln):
-    c = _cdt(x)
-    cast = [t.to(c) if t is not None else None for t in (x, res, w_down, b_down, w_up, b_up, lnw, lnb)]
-    x_, res_, wd, bd, wu, bu, lw, lb = cast
-    _, s = _forward(x_, res_, wd, bd, wu, bu, lw, lb, activation, scaling, eps, pre_ln, post_ln)
-    dy = dy.to(c)
-    dlnw = dlnb = None
-    if post_ln:
-        dv, dlnw, dlnb = _ln_bwd(dy, s["ln2"], lw, lb)
-    else:
-        dv = dy
-    dp = scaling * dv
-    dw_up, db_up = dp.t() @ s["h"], dp.sum(0)
-    da = (dp @ wu) * _act_grad(s["a"], activation)
-    dw_down, db_down = da.t() @ s["u"], da.sum(0)
-    du = da @ wd
-    if pre_ln:
-        dz1, dw1, db1 = _ln_bwd(du, s["ln1"], lw, lb)
-        dlnw, dlnb = dlnw + dw1, dlnb + db1
-        dx = dres = dv + dz1
-    else:
-        dx, dres = dv + du, dv
-    out = (dx.to(x.dtype), dres.to(x.dtype) if res is not None else None,
-           dw_down.to(w_down.dtype), db_down.to(b_down.dtype), dw_up.to(w_up.dtype), db_up.to(b_up.dtype))
-    if lnw is not None:
-        out += (dlnw.to(lnw.dtype), dlnb.to(lnb.dtype))
-    return out
+def _cast(c, *ts):
+    return [t.to(c) if t is not None else None for t in ts]
 
 
 def adapter_fwd(x, w_down, b_down, w_up, b_up, activation: str, scaling: float) -> torch.Tensor:
     """y = x + scaling * f(x); x (M, d) -> (M, d), same dtype."""
-    c = _cdt(x)
-    args = [t.to(c) for t in (x, w_down, b_down, w_up, b_up)]
-    return _forward(*args[:1], None, *args[1:], None, None, activation, scaling, 0.0, False, False)[0].to(x.dtype)
+    x_, wd, bd, wu, bu = _cast(_cdt(x), x, w_down, b_down, w_up, b_up)
+    _, h = _bottleneck(x_, wd, bd, activation)
+    return _up_residual(x_, h, wu, bu, scaling).to(x.dtype)
+
+
+def _bottleneck_bwd(dv, u, a, h, w_down, w_up, scaling, activation):
+    """Gradients of scaling * f(u) given dv (M, d): (du, dw_down, db_down, dw_up, db_up); scaling stays r-wide."""
+    dh = torch.mm(dv, w_up).mul_(scaling)                       # (M, r)
+    da = dh.mul_(_act_grad(a, activation))
+    dw_up = torch.mm(dv.t(), h).mul_(scaling)                   # (d, r)
+    db_up = dv.sum(0).mul_(scaling)
+    return torch.mm(da, w_down), torch.mm(da.t(), u), da.sum(0), dw_up, db_up
 
 
 def adapter_bwd(dy, x, w_down, b_down, w_up, b_up, activation: str, scaling: float):
-    """(dx, dw_down, db_down, dw_up, db_up)."""
-    dx, _, *rest = _backward(dy, x, None, w_down, b_down, w_up, b_up, None, None, activation, scaling, 0.0,
-                             False, False)
-    return (dx, *rest)
+    """(dx, dw_down, db_down, dw_up, db_up). Only the r-wide activation is recomputed: y itself is not needed."""
+    c = _cdt(x)
+    dy_, x_, wd, bd, wu = _cast(c, dy, x, w_down, b_down, w_up)
+    a, h = _bottleneck(x_, wd, bd, activation)
+    du, dwd, dbd, dwu, dbu = _bottleneck_bwd(dy_, x_, a, h, wd, wu, scaling, activation)
+    dx = du.add_(dy_)
+    return (dx.to(x.dtype), dwd.to(w_down.dtype), dbd.to(b_down.dtype), dwu.to(w_up.dtype), dbu.to(b_up.dtype))
 
 
 def adapter_ln_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str, scaling: float,
                    eps: float, original_ln_before: bool) -> torch.Tensor:
-    """LN(x + s*f(x) + res), or with original_ln_before LN(z + s*f(LN(z))), z = x + res; (M, d)."""
-    c = _cdt(x)
-    args = [t.to(c) if t is not None else None for t in (x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias)]
-    return _forward(*args, activation, scaling, eps, original_ln_before, True)[0].to(x.dtype)
+    """LN(x + s*f(x) + res), or with original_ln_before LN(z + s*f(LN(z))), z = x (+ res); (M, d)."""
+    x_, res_, wd, bd, wu, bu, lw, lb = _cast(_cdt(x), x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias)
+    d = x.shape[-1]
+    if original_ln_before:
+        z = x_ if res_ is None else x_ + res_
+        u, base = F.layer_norm(z, (d,), lw, lb, eps), z
+    else:
+        u, base = x_, x_ + res_
+    _, h = _bottleneck(u, wd, bd, activation)
+    v = _up_residual(base, h, wu, bu, scaling)
+    return F.layer_norm(v, (d,), lw, lb, eps).to(x.dtype)
 
 
 def adapter_ln_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str, scaling: float,
-                   eps: float, original_ln_before: bool):
-    """(dx, dres, dw_down, db_down, dw_up, db_up, dln_weight, dln_bias)."""
-    return _backward(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation, scaling, eps,
-                     original_ln_before, True)
+                   eps: float, original_ln_before: bool, ln_param_grads: bool = True):
+    """(dx, dres, dw_down, db_down, dw_up, db_up, dln_weight, dln_bias); dres None when res is None.
+    ln_param_grads=False: dln_weight, dln_bias come back as zeros (frozen LayerNorm), the reductions skipped."""
+    c = _cdt(x)
+    dy_, x_, res_, wd, bd, wu, bu, lw, lb = _cast(c, dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias)
+    d = x.shape[-1]
+    mask = [True, ln_param_grads, ln_param_grads]
+    # recompute: the pre-LN statistics and output (original_ln_before), the r-wide activation, the post-adapter
+    # sum v and only its statistics
+    if original_ln_before:
+        z = x_ if res_ is None else x_ + res_
+        u, mean1, rstd1 = torch.native_layer_norm(z, (d,), lw, lb, eps)
+        base = z
+    else:
+        u, base = x_, x_ + res_
+    a, h = _bottleneck(u, wd, bd, activation)
+    v = _up_residual(base, h, wu, bu, scaling)
+    mean2, rstd2 = _stats(v, eps)
+    dv, dlw, dlb = torch.ops.aten.native_layer_norm_backward(dy_, v, (d,), mean2, rstd2, lw, lb, mask)
+    del v
+    du, dwd, dbd, dwu, dbu = _bottleneck_bwd(dv, u, a, h, wd, wu, scaling, activation)
+    if original_ln_before:
+        dz1, dlw1, dlb1 = torch.ops.aten.native_layer_norm_backward(du, z, (d,), mean1, rstd1, lw, lb, mask)
+        dx, dres = dz1.add_(dv), None
+        if ln_param_grads:
+            dlw, dlb = dlw + dlw1, dlb + dlb1
+        dres = None if res is None else dx
+    else:
+        dx, dres = du.add_(dv), dv
+    if not ln_param_grads:
+        dlw, dlb = torch.zeros_like(lw), torch.zeros_like(lb)
+    return (dx.to(x.dtype), dres.to(x.dtype) if dres is not None else None, dwd.to(w_down.dtype),
+            dbd.to(b_down.dtype), dwu.to(w_up.dtype), dbu.to(b_up.dtype), dlw.to(ln_weight.dtype),
+            dlb.to(ln_bias.dtype))

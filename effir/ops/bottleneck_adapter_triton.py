@@ -1,6 +1,6 @@
 """Triton backend of the bottleneck adapter ops (kernels in kernels/bottleneck_adapter.py).
 
-Same four functions and signatures as the other backends (/work/notes/contract_adapter.md): 2-D (M, d)
+Same four functions and signatures as the other backends (docs/backends.md): 2-D (M, d)
 contiguous inputs of one dtype; backward recomputes the intermediate, fp32 accumulation, no atomics.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every fused backend ("chunked", "triton", "cuda") is a module `effir.ops.info_nce_<name>` exposing
 `forward(q, docs, temperature, query_groups, doc_groups, pos_offset, symmetric) -> (loss, lse, dloss_dt)` and
 `backward(q, docs, temperature, lse, grad_loss, query_groups, doc_groups, pos_offset) -> (dq, ddocs)`
-(contract in /work/notes/contract_info_nce.md and the chunked module). They are wrapped here in custom ops with
+(contract in docs/backends.md). They are wrapped here in custom ops with
 register_fake + register_autograd, so `torch.compile(fullgraph=True)` sees one opaque node and no graph break.
 The temperature gradient is computed here from the forward's per-row d loss / d t.
 """

@@ -122,6 +122,8 @@ class StepRecord:
     temperature: float | None = None
     q_shape: tuple[int, int] = (0, 0)  # this rank's padded (batch, tokens): FLOP counts need padded sizes
     p_shape: tuple[int, int] = (0, 0)
+    q_tokens: int = 0  # this rank's real (unpadded) tokens: what the unpadded encoder computes on
+    p_tokens: int = 0
 
 
 @dataclass
@@ -332,14 +334,14 @@ class Trainer:
         q = {k: v.to(dev, non_blocking=True) for k, v in q.items()}
         p = {k: v.to(dev, non_blocking=True) for k, v in p.items()}
         groups = torch.as_tensor(group_ids, dtype=torch.int64).to(dev)
-        tokens = int(q["attention_mask"].sum()) + int(p["attention_mask"].sum())
-        return q, p, groups, tokens
+        return q, p, groups, (int(q["attention_mask"].sum()), int(p["attention_mask"].sum()))
 
     def train_step(self) -> StepRecord:
         t0 = time.perf_counter()
         batch = self._next_batch()
         queries, passages, group_ids = self.collate(self.groups, batch)
-        q, p, groups, tokens = self._tokenize(queries, passages, group_ids)
+        q, p, groups, (q_tokens, p_tokens) = self._tokenize(queries, passages, group_ids)
+        tokens = q_tokens + p_tokens
         self.model.train()
         loss = self.model(q, p, groups)
         self.optimizer.zero_grad(set_to_none=True)
@@ -357,7 +359,8 @@ class Trainer:
         temp = getattr(self.module.loss, "temperature", None)
         temp = float(temp.detach()) if isinstance(temp, torch.Tensor) else temp
         return StepRecord(self.step, loss_sum / self.ctx.world_size, lr, int(n_examples), int(n_tokens),
-                          time.perf_counter() - t0, temp, tuple(q["input_ids"].shape), tuple(p["input_ids"].shape))
+                          time.perf_counter() - t0, temp, tuple(q["input_ids"].shape), tuple(p["input_ids"].shape),
+                          q_tokens, p_tokens)
 
     # ---- the loop -------------------------------------------------------------------------------------
     def train(self, on_step: Callable[[StepRecord], None] | None = None) -> TrainResult:
@@ -386,6 +389,7 @@ class Trainer:
                     self.log.write("step", step=rec.step, loss=rec.loss, lr=rec.lr, examples=rec.examples,
                                    tokens=rec.tokens, step_s=round(rec.seconds, 4), temperature=rec.temperature,
                                    q_shape=list(rec.q_shape), p_shape=list(rec.p_shape),
+                                   q_tokens=rec.q_tokens, p_tokens=rec.p_tokens,
                                    examples_per_s=result.examples / elapsed, tokens_per_s=result.tokens / elapsed)
                 if on_step is not None:
                     on_step(rec)
