@@ -2,11 +2,16 @@
 
 - `_fwd_kernel` (grid: row blocks of q): tiles S = q . docs^T over column blocks, online log-sum-exp in the
   log2 domain, plus the running softmax-weighted score so d loss / d t comes for free.
-- `_bwd_dq_kernel` (grid: row blocks) and `_bwd_ddocs_kernel` (grid: column blocks): recompute each S tile
-  from the saved per-row log-sum-exp (FlashAttention-2 shape, no atomics: each program owns its output rows).
-  Because d (384-1024) is far wider than an attention head, the (rows, d) fp32 gradient accumulator does not
-  fit in registers; each program read-modify-writes its own fp32 rows of the gradient per tile, in BLOCK_K
-  slices (L2-resident, race-free).
+- Backward, "blocked" (the default): the (B, N) score matrix is cut into blocks of at most ~(B + N) d / 2
+  entries. Per block, `_bwd_dscores_kernel` recomputes S from the saved per-row log-sum-exp and writes the
+  block's dL/dS (input dtype) once; two GEMMs `_mm_acc_kernel` then add dS . docs into dq and dSᵀ . q into
+  ddocs, in fp32. Every FLOP runs in a GEMM-shaped tile loop (8 B N d in all with the forward) and the only
+  extra memory is one dS block plus the fp32 gradients.
+- Backward, "fused" (EFFIR_TRITON_LOSS_BWD=fused): `_bwd_dq_kernel` (grid: row blocks) and
+  `_bwd_ddocs_kernel` (grid: column blocks) recompute each S tile (FlashAttention-2 shape, no atomics: each
+  program owns its output rows). Because d (384-1024) is far wider than an attention head, the (rows, d) fp32
+  gradient accumulator does not fit in registers; each program read-modify-writes its own fp32 rows of the
+  gradient per tile, in BLOCK_K slices, and S is computed twice (10 B N d). Kept for comparison on GPUs.
 fp32 inputs use `input_precision="ieee"` (no TF32); fp16/bf16 go through the tensor cores with fp32 accumulation.
 Offsets are int32: q and docs must each hold fewer than 2**31 elements (checked by the launcher).
 """
@@ -205,3 +210,77 @@ def _bwd_ddocs_kernel(Q, D, T, QG, DG, LSE, G, DD, B, N, K, pos_offset, stride_q
             acc = tl.load(ptr, mask=io, other=0.0)
             acc = _dot(ds_t, qt, acc, IEEE, UPCAST)
             tl.store(ptr, acc, mask=io)
+
+
+# ---------------------------------------------------------------- blocked backward
+def _bwd_configs():
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    mode = os.environ.get("EFFIR_TRITON_AUTOTUNE", "small")
+    shapes = [(128, 128, 64, 8, 3)] if mode == "0" else [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+    if mode == "full":
+        shapes += [(128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (256, 128, 64, 8, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in shapes] + [_FP32]
+
+
+def _prune_mm(configs, named_args, **kwargs):
+    """fp32 -> the fp32 tile; 16-bit -> the 16-bit tiles, only the first for small problems."""
+    if kwargs.get("IEEE"):
+        return [_FP32]
+    half = [c for c in configs if c is not _FP32]
+    if named_args["M"] * named_args["N"] * named_args["K"] < (1 << 30):
+        return half[:1]
+    return half
+
+
+@triton.autotune(configs=_bwd_configs(), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_dscores_kernel(Q, D, T, QG, DG, LSE, G, DS, B, N, K, row0, col0, n_rows, n_cols, pos_offset,
+                        stride_q, stride_d, stride_ds,
+                        HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr,
+                        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """DS (n_rows, n_cols) in the input dtype = dL/dS[row0:row0+n_rows, col0:col0+n_cols] (masked entries 0).
+    Grid: (cdiv(n_rows, BLOCK_M), cdiv(n_cols, BLOCK_N)); `B`, `N` are the full sizes (for masks and LSE)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    lr = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = row0 + lr
+    cols = col0 + lc
+    row_ok = (lr < n_rows) & (rows < B)
+    col_ok = (lc < n_cols) & (cols < N)
+    inv_t = 1.0 / tl.load(T).to(tl.float32)
+    s = _scores(Q, D, rows, cols, row_ok, col_ok, K, stride_q, stride_d, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    ds = _dscores(s, rows, cols, row_ok, col_ok, QG, DG, LSE, G, B, pos_offset, inv_t, HAS_GROUPS, SYMMETRIC)
+    ptr = DS + lr[:, None] * stride_ds + lc[None, :]
+    tl.store(ptr, ds.to(DS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.autotune(configs=_bwd_configs(), key=["N", "IEEE"], prune_configs_by={"early_config_prune": _prune_mm},
+                 restore_value=["C"])  # tuning runs the kernel several times: C must not accumulate them
+@triton.jit
+def _mm_acc_kernel(A, Bm, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C (M, N) fp32, row-major, += A (M, K) @ Bm (K, N); A and Bm any strides (a transposed view is fine).
+    fp32 accumulation in registers over all of K; C is read and written once per tile."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(A + rm[:, None] * stride_am + ks[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        b = tl.load(Bm + ks[:, None] * stride_bk + rn[None, :] * stride_bn, mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        acc = _dot(a, b, acc, IEEE, UPCAST)
+    ptr = C + rm[:, None] * stride_cm + rn[None, :]
+    io = m_ok[:, None] & n_ok[None, :]
+    tl.store(ptr, tl.load(ptr, mask=io, other=0.0) + acc, mask=io)

@@ -72,3 +72,38 @@ def test_triton_pos_offset_matches_chunked(groups):
     got = info_nce_triton.backward(q, docs, t, got[1], gl.float(), qg, dg, 7)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["fused", "blocked-small", "blocked"])
+def test_triton_backward_variants(variant, dtype, monkeypatch):
+    """Both backward designs; "blocked-small" cuts dS into 16 x 32 blocks (remainders on both sides), so the
+    block offsets of the dS kernel and the accumulating GEMMs are exercised at interpreter sizes."""
+    from effir.ops import info_nce_triton
+
+    monkeypatch.setenv("EFFIR_TRITON_LOSS_BWD", variant.split("-")[0])
+    if variant == "blocked-small":
+        monkeypatch.setattr(info_nce_triton, "block_shape", lambda B, N, d: (16, 32))
+    check_backend("triton", 33, 9, 24, dtype, symmetric=True, groups=True, reduction="none", learnable_t=True,
+                  seed=11)
+
+
+def test_triton_backward_variant_env_is_checked(monkeypatch):
+    from effir.ops import info_nce_triton
+
+    monkeypatch.setenv("EFFIR_TRITON_LOSS_BWD", "fast")
+    with pytest.raises(ValueError, match="EFFIR_TRITON_LOSS_BWD"):
+        info_nce_triton.backward_variant()
+
+
+@pytest.mark.parametrize("B,N,d", [(32768, 32768, 768), (65536, 65536, 384), (4096, 4096, 768), (7, 9, 5),
+                                   (300, 300, 7), (1, 100000, 1000), (100000, 1, 64)])
+def test_blocked_backward_block_shape(B, N, d):
+    """dS blocks: inside the matrix, at most (B + N) d / 2 entries (or 2**16), never all of a large (B, N)."""
+    from effir.ops.info_nce_triton import block_shape
+
+    rows, cols = block_shape(B, N, d)
+    assert 1 <= rows <= B and 1 <= cols <= N
+    assert rows * cols <= max((B + N) * d // 2, 1 << 16)
+    if B * N > (1 << 16) and B * N > (B + N) * d // 2:
+        assert rows * cols < B * N

@@ -16,7 +16,9 @@ Writes out/loss.json (one file) and returns the same dict.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -75,13 +77,18 @@ def correctness(backends, quick, deadline):
         want = _loss_grads(ref, q.double(), p.double(), neg.double(), TEMPERATURE)
         same = _loss_grads(ref, q, p, neg, TEMPERATURE)
         floor = _ULPS * torch.finfo(dtype).eps
-        for be in backends:
+        variants = [(be, "blocked") for be in backends]
+        if "triton" in backends and (B, M, d, dtype, sym) == CASES[1]:
+            variants.append(("triton", "fused"))
+        for be, variant in variants:
             try:
-                got = _loss_grads(lambda q, p, n, t: info_nce(q, p, n, temperature=t, backend=be, **kw),
-                                  q, p, neg, TEMPERATURE)
+                with triton_backward(variant):
+                    got = _loss_grads(lambda q, p, n, t: info_nce(q, p, n, temperature=t, backend=be, **kw),
+                                      q, p, neg, TEMPERATURE)
                 errs = [rel_err(a, b) for a, b in zip(got, want)]
                 bounds = [FACTOR * max(rel_err(s, b), floor) for s, b in zip(same, want)]
-                rows.append({"backend": be, "B": B, "M": M, "d": d, "dtype": str(dtype), "symmetric": sym,
+                rows.append({"backend": be if variant == "blocked" or be != "triton" else "triton-fused-bwd",
+                             "B": B, "M": M, "d": d, "dtype": str(dtype), "symmetric": sym,
                              "groups": sym, "names": ["loss", "dq", "dp", "dneg", "dt"], "errs": errs,
                              "bounds": bounds, "ok": all(e <= b for e, b in zip(errs, bounds))})
             except Exception as exc:
@@ -93,6 +100,42 @@ def correctness(backends, quick, deadline):
 # ------------------------------------------------------------------ the contestants (q, p) -> scalar loss
 def _effir(backend):
     return lambda q, p: info_nce(q, p, temperature=TEMPERATURE, backend=backend)
+
+
+@contextlib.contextmanager
+def triton_backward(variant: str):
+    """Run the Triton backend with backward design `variant` ("blocked" | "fused", kernels/info_nce.py)."""
+    old = os.environ.get("EFFIR_TRITON_LOSS_BWD")
+    os.environ["EFFIR_TRITON_LOSS_BWD"] = variant
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("EFFIR_TRITON_LOSS_BWD", None)
+        else:
+            os.environ["EFFIR_TRITON_LOSS_BWD"] = old
+
+
+class _FusedBwd(torch.autograd.Function):
+    """Identity on the loss whose backward switches the Triton backward design while autograd runs below it."""
+
+    @staticmethod
+    def forward(ctx, q, p):
+        with torch.enable_grad():
+            q_, p_ = q.detach().requires_grad_(), p.detach().requires_grad_()
+            loss = info_nce(q_, p_, temperature=TEMPERATURE, backend="triton")
+        ctx.saved = (q_, p_, loss)
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        q_, p_, loss = ctx.saved
+        with triton_backward("fused"):
+            return torch.autograd.grad(loss, (q_, p_), g)
+
+
+def _effir_triton_fused_bwd(q, p):
+    return _FusedBwd.apply(q, p)
 
 
 def _eager(q, p):
@@ -149,6 +192,8 @@ def _inf_cl():
 
 def contestants(backends):
     out = {f"effir_{b}": (_effir(b), None, False) for b in backends}
+    if "triton" in backends:  # the other backward design, side by side (the blocked one is the default)
+        out["effir_triton_fused_bwd"] = (_effir_triton_fused_bwd, "EFFIR_TRITON_LOSS_BWD=fused", False)
     for name, maker, dense in (("memeff", _memeff, False), ("inf_cl", _inf_cl, False)):
         fn, note = maker()
         out[name] = (fn, note, dense)
@@ -160,6 +205,7 @@ def contestants(backends):
 
 
 def _time_one(fn, q, p, quick):
+    """fn's forward+backward (the backward runs inside the timed step, so an env switch in fn covers it)."""
     leaves = [q.detach().requires_grad_(True), p.detach().requires_grad_(True)]
 
     def step():
@@ -234,6 +280,8 @@ def _summary(rows):
     s = {"triton_ms": tri["fwd_bwd_ms"], "triton_frac_of_matmul": tri.get("frac_of_matmul"),
          "triton_peak_bytes": tri["peak_bytes"],
          "inputs_bytes": 2 * 32768 * 768 * 2}
+    if "effir_triton_fused_bwd" in at:
+        s["triton_fused_bwd_ms"] = at["effir_triton_fused_bwd"]["fwd_bwd_ms"]
     for peer in ("memeff", "inf_cl", "torch_eager", "torch_compile", "st_mnrl"):
         if peer in at:
             s[f"speedup_vs_{peer}"] = at[peer]["fwd_bwd_ms"] / tri["fwd_bwd_ms"]

@@ -1,16 +1,19 @@
 """Launchers for the Triton InfoNCE kernels (kernels/info_nce.py), in the backend contract of
 effir/ops/info_nce.py: `forward(...) -> (loss, lse, dloss_dt)` (R, B) fp32 and `backward(...) -> (dq, ddocs)`.
 
-Inputs fp32 / fp16 / bf16, contiguous. Extra memory: O((B + N) d) fp32 gradient workspaces, O(B) statistics.
+Inputs fp32 / fp16 / bf16, contiguous. Extra memory: O((B + N) d) fp32 gradient workspaces, O(B) statistics,
+and (blocked backward) one dS block of at most (B + N) d / 2 entries in the input dtype.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 
 from effir.backends import triton_interpret
 
-from kernels.info_nce import _bwd_ddocs_kernel, _bwd_dq_kernel, _fwd_kernel
+from kernels.info_nce import _bwd_ddocs_kernel, _bwd_dq_kernel, _bwd_dscores_kernel, _fwd_kernel, _mm_acc_kernel
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -59,6 +62,55 @@ def forward(q, docs, temperature, query_groups, doc_groups, pos_offset: int, sym
     return loss, lse, dldt
 
 
+def block_shape(B: int, N: int, d: int) -> tuple[int, int]:
+    """(rows, cols) of one dS block of the blocked backward: at most (B + N) d / 2 entries (never more memory
+    than half the inputs), multiples of 256 rows/cols so the GEMM tiles stay full, and never the whole (B, N)
+    matrix unless it is that small anyway (<= 2**16 entries)."""
+    budget = max((B + N) * d // 2, 1 << 16)
+    rows, cols = min(B, 8192), min(N, 8192)
+    while rows * cols > budget and max(rows, cols) > 256:
+        if cols >= rows:
+            cols = max(256, cols // 2)
+        else:
+            rows = max(256, rows // 2)
+    return rows, cols
+
+
+def _backward_blocked(q, docs, t, lse, g, qg_, dg_, has, sym, pos_offset, dq, dd):
+    """dq (B, d), dd (N, d) fp32, zero on entry: per dS block, one dS kernel and two accumulating GEMMs."""
+    B, K = q.shape
+    N = docs.shape[0]
+    ieee, up = q.dtype == torch.float32, _upcast(q)
+    rows, cols = block_shape(B, N, K)
+    ds = torch.empty(rows, cols, dtype=q.dtype, device=q.device)
+    for r0 in range(0, B, rows):
+        nr = min(rows, B - r0)
+        for c0 in range(0, N, cols):
+            nc = min(cols, N - c0)
+            _bwd_dscores_kernel[lambda m: (triton.cdiv(nr, m["BLOCK_M"]), triton.cdiv(nc, m["BLOCK_N"]))](
+                q, docs, t, qg_, dg_, lse, g, ds, B, N, K, r0, c0, nr, nc, pos_offset, q.stride(0),
+                docs.stride(0), ds.stride(0), HAS_GROUPS=has, SYMMETRIC=sym, IEEE=ieee, UPCAST=up)
+            blk = ds[:nr, :nc]
+            _mm_acc(blk, docs[c0:c0 + nc], dq[r0:r0 + nr], ieee, up)        # dq[rows] += dS . docs[cols]
+            _mm_acc(blk.t(), q[r0:r0 + nr], dd[c0:c0 + nc], ieee, up)       # dd[cols] += dSᵀ . q[rows]
+
+
+def _mm_acc(a, b, c, ieee: bool, up: bool):
+    """c (M, N) fp32 row-major += a (M, K) @ b (K, N)."""
+    M, Kr = a.shape
+    N = b.shape[1]
+    _mm_acc_kernel[lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(N, m["BLOCK_N"]))](
+        a, b, c, M, N, Kr, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), IEEE=ieee, UPCAST=up)
+
+
+def backward_variant() -> str:
+    """"blocked" (default) or "fused" (EFFIR_TRITON_LOSS_BWD): see kernels/info_nce.py."""
+    v = os.environ.get("EFFIR_TRITON_LOSS_BWD", "blocked")
+    if v not in ("blocked", "fused"):
+        raise ValueError(f"EFFIR_TRITON_LOSS_BWD must be 'blocked' or 'fused', got {v!r}")
+    return v
+
+
 def backward(q, docs, temperature, lse, grad_loss, query_groups, doc_groups, pos_offset: int):
     _check(q, docs)
     B, K = q.shape
@@ -71,6 +123,9 @@ def backward(q, docs, temperature, lse, grad_loss, query_groups, doc_groups, pos
     ieee = q.dtype == torch.float32
     dq = torch.zeros(B, K, dtype=torch.float32, device=q.device)
     dd = torch.zeros(N, K, dtype=torch.float32, device=q.device)
+    if backward_variant() == "blocked":
+        _backward_blocked(q, docs, t, lse, g, qg_, dg_, has, sym, pos_offset, dq, dd)
+        return dq.to(q.dtype), dd.to(docs.dtype)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
         q, docs, t, qg_, dg_, lse, g, dq, B, N, K, pos_offset, q.stride(0), docs.stride(0),
         HAS_GROUPS=has, SYMMETRIC=sym, IEEE=ieee, UPCAST=_upcast(q))
