@@ -22,8 +22,10 @@ import os
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# constexpr: compiled for a GPU, a @triton.jit function may read only constexpr globals (the CPU interpreter
+# does not check this; bench/triton_aot.py does)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # fp32 tiles take twice the shared memory of bf16 ones: a smaller tile keeps every kernel (the backward ones
