@@ -5,10 +5,11 @@ no register allocation, no shared-memory budget, no tensor-core lowering). This 
 (H100) or sm_80 (A100) with the launch the launchers really make on a CUDA tensor, and reports registers and
 spills (ptxas -v), shared memory (Triton's launch metadata), and tensor-core / local-memory instructions (SASS).
 
-Launches are taken from the launchers themselves: `effir.ops.info_nce_triton.forward/backward` and
-`fused_adapter_fwd/bwd` run on meta tensors with their kernels swapped for recorders, so pointer dtypes, int
-args, constexprs and num_warps/num_stages are exactly what those functions pass. The autotuned loss kernels
-expand into the configs the autotuner would compile for a large problem (`_configs` + `_prune`, env
+Launches are taken from the launchers themselves: `effir.ops.info_nce_triton.forward/backward` (both backward
+designs, EFFIR_TRITON_LOSS_BWD blocked and fused) and `fused_adapter_fwd/bwd` run on meta tensors with their
+kernels swapped for recorders, so pointer dtypes, int args, constexprs and num_warps/num_stages are exactly
+what those functions pass. An autotuned kernel expands into the configs its Autotuner would compile for a
+large problem (its configs, built with TRITON_INTERPRET unset, through its early_config_prune; env
 EFFIR_TRITON_AUTOTUNE honoured). Specialisation follows Triton's JIT: int args are i32 and, like every pointer
 (torch allocations are 16-byte aligned), carry `tt.divisibility=16` when divisible by 16; an int equal to 1
 becomes a constexpr. Without those hints the code is not what runs (e.g. unvectorised loads and spills).
@@ -43,13 +44,17 @@ SMEM_LIMIT = {90: 232448, 80: 166912}
 _TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
                     torch.int64: "i64", torch.int32: "i32"}
 _LAYOUTS = {(False, False, False): "plain", (True, False, True): "houlsby", (False, True, True): "pfeiffer"}
-# (kernel, variant) pairs of the quick subset: each kernel once at 16 bits, the fp32 paths once each
+# (kernel, variant) pairs of the quick subset: every kernel at 16 bits (both configs of the forward, both GEMM
+# operand layouts of the blocked backward), the fp32 paths once each
 QUICK = {
     ("info_nce._fwd_kernel", "bf16 d=768 no-groups 128x128x64"),
     ("info_nce._fwd_kernel", "fp16 d=768 groups 128x64x64"),
     ("info_nce._fwd_kernel", "fp32 d=768 no-groups 64x64x32"),
-    ("info_nce._bwd_dq_kernel", "bf16 d=768 no-groups asym 128x128x64"),
-    ("info_nce._bwd_ddocs_kernel", "bf16 d=768 groups sym 128x128x64"),
+    ("info_nce._bwd_dscores_kernel", "bf16 d=768 groups sym 128x128x64"),
+    ("info_nce._mm_acc_kernel", "bf16 d=768 stride_ak=1 stride_bn=1 128x128x64"),
+    ("info_nce._mm_acc_kernel", "bf16 d=768 stride_am=1 stride_bn=1 128x128x64"),
+    ("info_nce._bwd_dq_kernel", "bf16 d=768 groups sym 128x64x64"),
+    ("info_nce._bwd_ddocs_kernel", "bf16 d=768 groups sym 128x64x64"),
     ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 gelu houlsby"),
     ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 silu pfeiffer"),
     ("bottleneck_adapter._bwd_params_kernel", "bf16 d=768 r=48 pfeiffer"),
@@ -69,6 +74,7 @@ class Launch:
     constexprs: dict
     attrs: dict
     options: dict = field(default_factory=dict)
+    ones: tuple = ()  # int args equal to 1, which the JIT turns into constexprs
 
     def key(self) -> tuple:
         return (self.kernel, tuple(self.signature.items()), tuple(sorted((k, str(v)) for k, v in
@@ -140,78 +146,115 @@ def _jit_fn(obj):
 
 
 def _launch(mod_name: str, kname: str, fn, args: tuple, kwargs: dict) -> Launch:
-    """Signature, constexprs and divisibility attributes of one recorded call, as Triton's JIT derives them."""
+    """Signature, constexprs and divisibility attributes of one recorded call, as Triton's JIT derives them:
+    scalars through Triton's own `native_specialize_impl` (i32/i64, 'D' = divisible by 16, 1 -> constexpr);
+    a tensor is a pointer, 16-byte aligned when its offset into the (aligned) allocation is."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
     names = fn.arg_names
     params = dict(zip(names, args))
     params.update({k: v for k, v in kwargs.items() if k in names})
     options = {k: v for k, v in kwargs.items() if k not in names}
-    signature, constexprs, attrs = {}, {}, {}
+    signature, constexprs, attrs, ones = {}, {}, {}, []
     for i, name in enumerate(names):
         v = params[name]
         if fn.params[i].is_constexpr:
             signature[name], constexprs[name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            signature[name] = "*" + _TORCH_TO_TRITON[v.dtype]
-            if v.storage_offset() * v.element_size() % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, bool):
-            signature[name] = "i1"
-        elif isinstance(v, int):
-            if v == 1:
-                signature[name], constexprs[name] = "constexpr", 1
-                continue
-            signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
-            if v % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            signature[name] = "fp32"
+            continue
+        if isinstance(v, torch.Tensor):
+            ty, spec = "*" + _TORCH_TO_TRITON[v.dtype], "D" if v.storage_offset() * v.element_size() % 16 == 0 else ""
         else:
-            raise TypeError(f"{kname}: unsupported argument {name}={v!r}")
+            ty, spec = native_specialize_impl(BaseBackend, v, False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = spec
+            ones.append(name)
+        elif spec and "D" in spec:
+            attrs[(i,)] = [["tt.divisibility", 16]]
     return Launch(kernel=f"{mod_name}.{kname}", variant="", family="", dtype="", signature=signature,
-                  constexprs=constexprs, attrs=attrs, options=options)
+                  constexprs=constexprs, attrs=attrs, options=options, ones=tuple(ones))
 
 
-def _cfg_name(c: dict) -> str:
-    return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
+def _kernels(mod) -> dict:
+    """The module's kernels (`*_kernel` JITFunctions or Autotuners), by name."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    return {n: getattr(mod, n) for n in dir(mod)
+            if n.endswith("_kernel") and isinstance(getattr(mod, n), (JITFunction, Autotuner))}
+
+
+def _expand(mod_name: str, kname: str, kernel, args: tuple, kwargs: dict) -> list[Launch]:
+    """One Launch per config an autotuned kernel would compile for this call (its early_config_prune applied,
+    as Triton's Autotuner does); a plain kernel gives one."""
+    from triton.runtime.autotuner import Autotuner
+
+    if not isinstance(kernel, Autotuner):
+        return [_launch(mod_name, kname, kernel, args, kwargs)]
+    nargs = dict(zip(kernel.fn.arg_names, args))
+    configs = kernel.configs
+    if kernel.early_config_prune:
+        configs = kernel.early_config_prune(configs, nargs, **kwargs)
+    return [_launch(mod_name, kname, kernel.fn, args, {**kwargs, **c.all_kwargs()}) for c in configs]
+
+
+def _record(target, kernels: dict, call):
+    """Run `call()` with `target`'s kernels swapped for recorders; {name: [(args, kwargs), ...]}."""
+    rec = {n: _Recorder() for n in kernels}
+    with mock.patch.multiple(target, **rec):
+        call()
+    return {n: r.calls for n, r in rec.items()}
+
+
+def _loss_variant(ln: Launch, dtype: str, d: int) -> str:
+    c = ln.constexprs
+    parts = [dtype, f"d={d}"]
+    if "HAS_GROUPS" in c:
+        parts.append("groups" if c["HAS_GROUPS"] else "no-groups")
+    if "SYMMETRIC" in c:
+        parts.append("sym" if c["SYMMETRIC"] else "asym")
+    parts += [f"{n}=1" for n in ln.ones]
+    parts.append(f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}")
+    return " ".join(parts)
 
 
 def loss_launches(mod, launcher) -> list[Launch]:
-    """Every compilation of the InfoNCE kernels: bf16/fp16/fp32 x d 768/384 x groups x symmetric x config.
-    `launcher` is effir.ops.info_nce_triton; its kernels are swapped for recorders while it runs."""
-    names = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_ddocs_kernel")
+    """Every compilation of the InfoNCE kernels: both backward designs (EFFIR_TRITON_LOSS_BWD blocked / fused)
+    x bf16/fp16/fp32 x d 768/384 x groups x symmetric x autotune config. `launcher` is
+    effir.ops.info_nce_triton; the kernels it imported are swapped for recorders while it runs."""
+    kernels = {n: k for n, k in _kernels(mod).items() if hasattr(launcher, n)}
     out = []
     B, N = 4096, 8192  # in-batch positives plus one hard negative each: large enough that every config is tuned
-    for dt in (torch.bfloat16, torch.float16, torch.float32):
-        for d in (768, 384):
-            for groups in (False, True):
-                for sym in (False, True):
-                    rec = {n: _Recorder() for n in names}
-                    meta = dict(device="meta")
-                    q, docs = torch.empty(B, d, dtype=dt, **meta), torch.empty(N, d, dtype=dt, **meta)
-                    t = torch.empty((), dtype=torch.float32, **meta)
-                    qg = torch.empty(B, dtype=torch.int64, **meta) if groups else None
-                    dg = torch.empty(N, dtype=torch.int64, **meta) if groups else None
-                    with mock.patch.multiple(launcher, **rec):
-                        _loss, lse, _dldt = launcher.forward(q, docs, t, qg, dg, 0, sym)
-                        launcher.backward(q, docs, t, lse, torch.empty_like(lse), qg, dg, 0)
-                    for kname in names:
-                        tuner = getattr(mod, kname)
-                        for args, kwargs in rec[kname].calls:
-                            nargs = dict(zip(tuner.fn.arg_names, args))
-                            for cfg in mod._prune(mod._configs(kname != "_fwd_kernel"), nargs, **kwargs):
-                                ln = _launch("info_nce", kname, tuner.fn, args, {**kwargs, **cfg.all_kwargs()})
-                                c = ln.constexprs
-                                sym_s = "" if "SYMMETRIC" not in c else (" sym" if c["SYMMETRIC"] else " asym")
-                                ln.variant = (f"{_TORCH_TO_TRITON[dt]} d={d} {'groups' if c['HAS_GROUPS'] else 'no-groups'}"
-                                              f"{sym_s} {_cfg_name(c)}")
-                                ln.family, ln.dtype = "loss", _TORCH_TO_TRITON[dt]
-                                out.append(ln)
+    for bwd in ("blocked", "fused"):
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            for d in (768, 384):
+                for groups in (False, True):
+                    for sym in (False, True):
+                        meta = dict(device="meta")
+                        q, docs = torch.empty(B, d, dtype=dt, **meta), torch.empty(N, d, dtype=dt, **meta)
+                        t = torch.empty((), dtype=torch.float32, **meta)
+                        qg = torch.empty(B, dtype=torch.int64, **meta) if groups else None
+                        dg = torch.empty(N, dtype=torch.int64, **meta) if groups else None
+
+                        def call():
+                            _loss, lse, _dldt = launcher.forward(q, docs, t, qg, dg, 0, sym)
+                            launcher.backward(q, docs, t, lse, torch.empty_like(lse), qg, dg, 0)
+
+                        with mock.patch.dict(os.environ, EFFIR_TRITON_LOSS_BWD=bwd):
+                            calls = _record(launcher, kernels, call)
+                        for kname, kernel in kernels.items():
+                            for args, kwargs in calls[kname]:
+                                for ln in _expand("info_nce", kname, kernel, args, kwargs):
+                                    ln.variant = _loss_variant(ln, _TORCH_TO_TRITON[dt], d)
+                                    ln.family, ln.dtype = "loss", _TORCH_TO_TRITON[dt]
+                                    out.append(ln)
     return out
 
 
 def adapter_launches(mod) -> list[Launch]:
     """Every compilation of the adapter kernels: bf16/fp32 x (d, r) x activation x plain/Houlsby/Pfeiffer."""
-    names = ("_fwd_kernel", "_bwd_rows_kernel", "_bwd_params_kernel")
+    kernels = _kernels(mod)
     acts = {v: k for k, v in mod.ACT_IDS.items()}
     out = []
     M = 8192  # tokens per call (e.g. 32 x 256); only its divisibility by 16 reaches the compiler
@@ -226,21 +269,30 @@ def adapter_launches(mod) -> list[Launch]:
                     wd, bd = torch.empty(r, d, **meta), torch.empty(r, **meta)
                     wu, bu = torch.empty(d, r, **meta), torch.empty(d, **meta)
                     lnw, lnb = (torch.empty(d, **meta), torch.empty(d, **meta)) if post else (None, None)
-                    rec = {n: _Recorder() for n in names}
-                    originals = {n: getattr(mod, n) for n in names}
-                    with mock.patch.multiple(mod, **rec):
+
+                    def call():
                         mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
                         mod.fused_adapter_bwd(dy, x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
-                    for kname in names:
-                        for args, kwargs in rec[kname].calls:
-                            ln = _launch("bottleneck_adapter", kname, originals[kname], args, kwargs)
-                            c = ln.constexprs
-                            act_s = f" {acts[c['ACT']]}" if "ACT" in c else ""
-                            ln.variant = (f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} "
-                                          f"{_LAYOUTS[(c['HAS_RES'], c['PRE_LN'], c['POST_LN'])]}")
-                            ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
-                            out.append(ln)
+
+                    calls = _record(mod, kernels, call)
+                    for kname, kernel in kernels.items():
+                        for args, kwargs in calls[kname]:
+                            for ln in _expand("bottleneck_adapter", kname, kernel, args, kwargs):
+                                c = ln.constexprs
+                                act_s = f" {acts[c['ACT']]}" if "ACT" in c else ""
+                                ln.variant = (f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} "
+                                              f"{_LAYOUTS[(c['HAS_RES'], c['PRE_LN'], c['POST_LN'])]}")
+                                ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
+                                out.append(ln)
     return out
+
+
+def all_kernel_names() -> set[str]:
+    """"<module>.<kernel>" of every `@triton.jit def *_kernel` in kernels/*.py, from the source (no import)."""
+    names = set()
+    for path in sorted((REPO / "kernels").glob("*.py")):
+        names |= {f"{path.stem}.{m}" for m in re.findall(r"^def (\w+_kernel)\(", path.read_text(), flags=re.M)}
+    return names
 
 
 def _sass_counts(cubin: bytes) -> dict:
@@ -287,7 +339,8 @@ def _compile(ln: Launch, fn, arch: int) -> dict:
            "num_warps": ln.options.get("num_warps", 4), "num_stages": ln.options.get("num_stages", 3),
            "constexprs": {k: (v if isinstance(v, (bool, int, float)) else str(v)) for k, v in ln.constexprs.items()},
            "signature": ln.signature, "divisible_by_16": [list(ln.signature)[i] for (i,) in ln.attrs],
-           "n_regs": None, "n_spills": None, "shared_bytes": None, "smem_fits": None,
+           "n_regs": None, "n_spills": None, "spill_loads_bytes": None, "stack_bytes": None, "ptxas_notes": [],
+           "shared_bytes": None, "smem_fits": None,
            "hgmma": None, "hmma": None, "local_mem_instructions": None, "compile_s": None, "error": None}
     log = io.StringIO()
     t0 = time.perf_counter()
@@ -344,6 +397,7 @@ def compile_all(arch: int, quick: bool, allow_nonconst_globals: bool = False, ve
 
 
 def _can_compile_here() -> bool:
+    """Whether Triton's own @jit library was built for the compiler (Triton imported without the interpreter)."""
     import triton.language.standard as std
     from triton.runtime.jit import JITFunction
 
@@ -366,35 +420,33 @@ def _compile_all_subprocess(arch: int, quick: bool, allow_nonconst_globals: bool
         return json.loads(out.read_text())["rows"]
 
 
-_COLS = (("kernel", 36), ("variant", 38), ("w/s", 5), ("regs", 5), ("spill", 6), ("smem KB", 8), ("HGMMA", 6),
-         ("HMMA", 5), ("LDL/STL", 7), ("s", 6))
+_COLS = (("kernel", 37), ("variant", 46), ("w/s", 5), ("regs", 5), ("spill", 6), ("smem KB", 8), ("HGMMA", 6),
+         ("HMMA", 5), ("LDL/STL", 7), ("s", 5), ("ptxas", 5))
 
 
 def _fmt_row(r: dict) -> str:
+    """One table line: spill = bytes of spill stores, smem '!' = above the arch's shared-memory limit, s '=' =
+    same binary as an earlier row, ptxas = codes of its performance warnings (C7513/C7515: wgmma serialised)."""
     if r["error"]:
-        cells = [r["kernel"], r["variant"], f"{r['num_warps']}/{r['num_stages']}", "ERROR: " + r["error"].strip().splitlines()[-1][:110]]
+        cells = [r["kernel"], r["variant"], f"{r['num_warps']}/{r['num_stages']}",
+                 "ERROR: " + r["error"].strip().splitlines()[-1][:110]]
         return "  ".join(str(c).ljust(w) for c, (_, w) in zip(cells, _COLS))
     smem = f"{r['shared_bytes'] / 1024:.0f}" + ("" if r["smem_fits"] in (True, None) else "!")
     cells = [r["kernel"], r["variant"], f"{r['num_warps']}/{r['num_stages']}", r["n_regs"], r["n_spills"], smem,
              r["hgmma"], r["hmma"], r["local_mem_instructions"],
-             "=" if r.get("same_as") else f"{r['compile_s']:.1f}"]
+             "=" if r.get("same_as") else f"{r['compile_s']:.1f}",
+             ",".join(sorted({m for n in r.get("ptxas_notes") or [] for m in re.findall(r"\((C\d+)\)", n)})) or "-"]
     return "  ".join(str(c).ljust(w) for c, (_, w) in zip(cells, _COLS))
-
-
-def format_table(rows: list[dict]) -> str:
-    """Plain-text table; spill = bytes of spill stores, smem '!' = above the arch's shared-memory limit,
-    s '=' = same binary as an earlier row."""
-    head = "  ".join(n.ljust(w) for n, w in _COLS)
-    return "\n".join([head, "-" * len(head)] + [_fmt_row(r) for r in rows])
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 = H100, 80 = A100")
-    p.add_argument("--quick", action="store_true", help="a representative subset (about 10 compilations)")
+    p.add_argument("--quick", action="store_true", help="a representative subset (QUICK: 12 compilations)")
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/triton_aot_sm<arch>.json)")
     p.add_argument("--allow-nonconst-globals", action="store_true",
-                   help="set TRITON_ALLOW_NON_CONSTEXPR_GLOBALS (diagnostic: measure kernels the strict front end rejects)")
+                   help="set TRITON_ALLOW_NON_CONSTEXPR_GLOBALS (diagnostic: measure kernels that the strict "
+                        "front end rejects)")
     p.add_argument("--only", type=json.loads, help=argparse.SUPPRESS)  # JSON [[kernel, variant], ...]
     args = p.parse_args(argv)
     only = {tuple(kv) for kv in args.only} if args.only is not None else None
@@ -421,6 +473,8 @@ def main(argv=None) -> int:
         path = args.out
     else:
         path = write_results(f"triton_aot_sm{args.arch}", payload)
+    print("spill: bytes of spill stores; smem '!': above the shared-memory limit; s '=': same binary as an "
+          "earlier row; ptxas C7513/C7515: wgmma serialised")
     print(f"wrote {path}")
     return 1 if n_err else 0
 

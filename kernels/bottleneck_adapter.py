@@ -451,9 +451,14 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
         dres if has_res else dummy, hbuf, dabuf, stats, m, d, r, float(scaling), float(eps),
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=_warps(bm, bk, br),
         num_stages=_stages(x), **flags)
-    # parameter-gradient tiles: two (BLOCK_DC, BLOCK_R) fp32 accumulators per program
+    # parameter-gradient tiles: two (BLOCK_DC, BLOCK_R) fp32 accumulators per program, 8 warps. The LayerNorm
+    # variants also hold ~8 (BLOCK_M, BLOCK_DC) fp32 row tiles (x, dy, z, uhat, u, p, vhat, dv): 16 rows per
+    # step keeps them in registers (64 rows spilled up to 1.5 KB per thread on sm_90; bench/triton_aot.py)
     block_dc = max(16, min(bk, 4096 // br))
-    block_m2 = max(16, min(64, 4096 // br)) if x.dtype != torch.float64 else max(16, min(32, 2048 // br))
+    if pre_ln or post_ln:
+        block_m2 = 16
+    else:
+        block_m2 = max(16, min(64, 4096 // br)) if x.dtype != torch.float64 else max(16, min(32, 2048 // br))
     n_dc = triton.cdiv(d, block_dc)
     splits = _n_splits(m, block_m2, n_dc, dev)
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m2) * block_m2
@@ -468,7 +473,7 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     _bwd_params_kernel[(n_dc, splits)](
         dy, x, res if has_res else dummy, w_down, w_up, b_up, lnw, lnb, hbuf, dabuf, stats,
         pwd, pbd, pwu, pbu, plnw, plnb, m, d, r, rows_per_split, float(scaling),
-        BLOCK_M=block_m2, BLOCK_DC=block_dc, BLOCK_R=br, num_warps=4, num_stages=_stages(x), **flags)
+        BLOCK_M=block_m2, BLOCK_DC=block_dc, BLOCK_R=br, num_warps=8, num_stages=_stages(x), **flags)
     # fixed-order sums over the splits: deterministic
     dw_down = pwd.sum(0).to(w_down.dtype)
     db_down = pbd.sum(0).to(b_down.dtype)

@@ -37,17 +37,18 @@ _FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4
 def _configs(bwd: bool):
     """Autotune space (16-bit inputs; fp32 always runs `_FP32`). EFFIR_TRITON_AUTOTUNE: "small" (default,
     2 configs: a fresh GPU machine compiles every config of every constexpr variant, so this keeps first calls
-    to seconds), "full" (BLOCK 64/128 x num_warps 4/8 x num_stages 3/4, 12 configs), "0" (one config, no
-    tuning). Small problems (B * N < 2**22) skip tuning (`_prune`): too short for the choice to matter."""
+    to seconds), "full" (4 configs), "0" (one config, no tuning). Small problems (B * N < 2**22) skip tuning
+    (`_prune`): too short for the choice to matter. Every config compiles without register spills on sm_90
+    (bench/triton_aot.py): the fused backward kernels hold a score tile, its gradient and a gradient slice, so
+    they get 64-wide column tiles (128 x 128 spilled up to 332 bytes per thread)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # CPU interpreter: one tiny config, no autotuning
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     mode = os.environ.get("EFFIR_TRITON_AUTOTUNE", "small")
-    if mode == "0":
-        shapes = [(128, 128, 8, 3)]
-    elif mode == "small":
-        shapes = [(128, 128, 8, 3), (128, 64, 4, 4)]
+    if bwd:
+        shapes = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)]
     else:
-        shapes = [(bm, bn, w, st) for bm, bn in ((128, 128), (128, 64), (64, 128)) for w in (4, 8) for st in (3, 4)]
+        shapes = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3)]
+    shapes = shapes[:1] if mode == "0" else shapes[:2] if mode == "small" else shapes
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
             for bm, bn, w, st in shapes] + [_FP32]
 
@@ -216,12 +217,13 @@ def _bwd_ddocs_kernel(Q, D, T, QG, DG, LSE, G, DD, B, N, K, pos_offset, stride_q
 
 # ---------------------------------------------------------------- blocked backward
 def _bwd_configs():
+    """Autotune space of the blocked backward (dS kernel and GEMM), EFFIR_TRITON_AUTOTUNE as in `_configs`;
+    all spill-free on sm_90 (128 x 256 tiles spilled: bench/triton_aot.py)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     mode = os.environ.get("EFFIR_TRITON_AUTOTUNE", "small")
-    shapes = [(128, 128, 64, 8, 3)] if mode == "0" else [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
-    if mode == "full":
-        shapes += [(128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (256, 128, 64, 8, 3)]
+    shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    shapes = shapes[:1] if mode == "0" else shapes[:2] if mode == "small" else shapes
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
             for bm, bn, bk, w, st in shapes] + [_FP32]
 
