@@ -217,12 +217,13 @@ def _bwd_ddocs_kernel(Q, D, T, QG, DG, LSE, G, DD, B, N, K, pos_offset, stride_q
 
 # ---------------------------------------------------------------- blocked backward
 def _bwd_configs():
-    """Autotune space of the blocked backward (dS kernel and GEMM), EFFIR_TRITON_AUTOTUNE as in `_configs`;
-    all spill-free on sm_90 (128 x 256 tiles spilled: bench/triton_aot.py)."""
+    """Autotune space of the blocked backward (dS kernel and GEMM), EFFIR_TRITON_AUTOTUNE as in `_configs`.
+    From sm_90 compiles (bench/triton_aot.py): 128 x 256 tiles spill; 128 x 128 on 8 warps gets ptxas's C7515
+    (wgmma serialised) for the GEMM; 256 x 64 on 8 warps (two 128 x 64 warpgroup tiles) gets neither."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     mode = os.environ.get("EFFIR_TRITON_AUTOTUNE", "small")
-    shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    shapes = [(256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 4), (128, 64, 64, 4, 4)]
     shapes = shapes[:1] if mode == "0" else shapes[:2] if mode == "small" else shapes
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
             for bm, bn, bk, w, st in shapes] + [_FP32]
@@ -276,15 +277,17 @@ def _mm_acc_kernel(A, Bm, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    a_ptr = A + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptr = Bm + rk[:, None] * stride_bk + rn[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(A + rm[:, None] * stride_am + ks[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        b = tl.load(Bm + ks[:, None] * stride_bk + rn[None, :] * stride_bn, mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptr, mask=m_ok[:, None] & (rk[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptr, mask=(rk[:, None] < k_left) & n_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, IEEE, UPCAST)
+        a_ptr += BLOCK_K * stride_ak
+        b_ptr += BLOCK_K * stride_bk
     ptr = C + rm[:, None] * stride_cm + rn[None, :]
     io = m_ok[:, None] & n_ok[None, :]
     tl.store(ptr, tl.load(ptr, mask=io, other=0.0) + acc, mask=io)

@@ -82,3 +82,14 @@ def test_registers_within_limit(sm90, sm80):
     assert rows and all(r["n_regs"] is not None for r in rows), "ptxas -v log not parsed"
     over = [f"{_name(r)}: {r['n_regs']}" for r in rows if r["n_regs"] > 255]
     assert not over, "\n".join(over)
+
+
+def test_loss_gemms_keep_wgmma_pipelined(sm90):
+    """ptxas C7513/C7515 = wgmma serialised: the blocked backward's GEMM and the forward must not get it (a
+    128 x 128 tile on 8 warps did, for the GEMM); it would cost much of their tensor-core throughput."""
+    rows = [r for r in sm90 if r["kernel"] in ("info_nce._mm_acc_kernel", "info_nce._fwd_kernel",
+                                               "info_nce._bwd_dscores_kernel") and r["dtype"] in ("bf16", "fp16")]
+    assert rows
+    bad = [f"{_name(r)}: {n.strip()[:120]}" for r in rows for n in r.get("ptxas_notes") or []
+           if "C7513" in n or "C7515" in n]
+    assert not bad, "\n".join(bad)
