@@ -216,14 +216,18 @@ def _bwd_ddocs_kernel(Q, D, T, QG, DG, LSE, G, DD, B, N, K, pos_offset, stride_q
 
 
 # ---------------------------------------------------------------- blocked backward
-def _bwd_configs():
-    """Autotune space of the blocked backward (dS kernel and GEMM), EFFIR_TRITON_AUTOTUNE as in `_configs`.
+def _bwd_configs(gemm: bool):
+    """Autotune space of the blocked backward's dS kernel and GEMM, EFFIR_TRITON_AUTOTUNE as in `_configs`.
     From sm_90 compiles (bench/triton_aot.py): 128 x 256 tiles spill; 128 x 128 on 8 warps gets ptxas's C7515
-    (wgmma serialised) for the GEMM; 256 x 64 on 8 warps (two 128 x 64 warpgroup tiles) gets neither."""
+    (wgmma serialised) in the GEMM, not in the dS kernel; 256 x 64 on 8 warps (two 128 x 64 warpgroup tiles)
+    gets neither."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     mode = os.environ.get("EFFIR_TRITON_AUTOTUNE", "small")
-    shapes = [(256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 4), (128, 64, 64, 4, 4)]
+    if gemm:
+        shapes = [(256, 64, 64, 8, 3), (256, 64, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    else:
+        shapes = [(256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 4), (128, 64, 64, 4, 4)]
     shapes = shapes[:1] if mode == "0" else shapes[:2] if mode == "small" else shapes
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
             for bm, bn, bk, w, st in shapes] + [_FP32]
@@ -239,7 +243,7 @@ def _prune_mm(configs, named_args, **kwargs):
     return half
 
 
-@triton.autotune(configs=_bwd_configs(), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"],
+@triton.autotune(configs=_bwd_configs(gemm=False), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_dscores_kernel(Q, D, T, QG, DG, LSE, G, DS, B, N, K, row0, col0, n_rows, n_cols, pos_offset,
@@ -263,7 +267,7 @@ def _bwd_dscores_kernel(Q, D, T, QG, DG, LSE, G, DS, B, N, K, row0, col0, n_rows
     tl.store(ptr, ds.to(DS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_bwd_configs(), key=["N", "IEEE"], prune_configs_by={"early_config_prune": _prune_mm},
+@triton.autotune(configs=_bwd_configs(gemm=True), key=["N", "IEEE"], prune_configs_by={"early_config_prune": _prune_mm},
                  restore_value=["C"])  # tuning runs the kernel several times: C must not accumulate them
 @triton.jit
 def _mm_acc_kernel(A, Bm, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
