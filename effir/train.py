@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--reduction-factor", type=float, help="adapter bottleneck reduction (default: the config's, 16 "
                                                           "for seq_bn)")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    m.add_argument("--no-unpad", action="store_false", dest="unpad",
+                   help="run the encoder on the padded batch (default: on real tokens only, same results)")
     d = p.add_argument_group("data and sampling")
     d.add_argument("--sources", nargs="+", help="training sources: registry names and/or JSONL files of "
                                                 "parallel groups (default: bipar xlinghealth tquad arcd "
@@ -100,7 +102,7 @@ def config_from_args(argv=None) -> TrainConfig:
 def main(argv=None) -> int:
     try:
         cfg = config_from_args(argv)
-        from effir.training.run import run
+        from effir.training.runner import run
 
         metrics = run(cfg)
     except ValueError as exc:

@@ -90,3 +90,21 @@ def test_precision_resolution_on_cpu():
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32"
     assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp16", cpu) == "fp16"
+
+
+def test_training_run_stays_a_function_after_its_module_loads():
+    """`effir.training.run` is the API function; importing the implementation module must not replace it."""
+    import effir.training
+    import effir.training.runner  # noqa: F401
+
+    from effir.training import run
+
+    assert callable(run) and run is effir.training.run and not isinstance(run, type(effir.training))
+
+
+def test_no_unpad_flag_reaches_the_config():
+    from effir.train import build_parser
+
+    assert TrainConfig().unpad is True
+    args = build_parser().parse_args(["--no-unpad"])
+    assert args.unpad is False

@@ -7,7 +7,7 @@ from .config import TrainConfig
 
 
 def run(cfg, **kwargs):
-    from .run import run as _run
+    from .runner import run as _run
 
     return _run(cfg, **kwargs)
 

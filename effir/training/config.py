@@ -31,6 +31,7 @@ class TrainConfig:
     adapters: str = "seq_bn"  # "none" = full fine-tuning
     reduction_factor: float | None = None  # None: the adapter config's own default (16 for seq_bn)
     gradient_checkpointing: bool = False
+    unpad: bool = True  # encoder runs on real tokens only (effir.encoders.packed); False: the padded forward
     # data
     sources: list[str] = field(default_factory=lambda: list(DEFAULT_SOURCES))
     languages: list[str] | None = None  # None: every language the sources hold

@@ -146,6 +146,7 @@ def attach_adapters(cfg: TrainConfig, encoder) -> None:
         # frozen also keeps DDP from waiting for gradients that never come
         for name, p in encoder.model.named_parameters():
             p.requires_grad_(not name.startswith("pooler."))
+    encoder.unpad = cfg.unpad
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen backbone (no input needs requires_grad).
         model = encoder.model
