@@ -2,7 +2,7 @@
 
 - `_fwd_kernel` (grid: row blocks of q): tiles S = q . docs^T over column blocks, online log-sum-exp in the
   log2 domain, plus the running softmax-weighted score so d loss / d t comes for free.
-- Backward, "blocked" (the default): the (B, N) score matrix is cut into blocks of at most ~(B + N) d / 2
+- Backward, "blocked" (the default): the (B, N) score matrix is cut into blocks of at most (B + N) d
   entries. Per block, `_bwd_dscores_kernel` recomputes S from the saved per-row log-sum-exp and writes the
   block's dL/dS (input dtype) once; two GEMMs `_mm_acc_kernel` then add dS . docs into dq and dSᵀ . q into
   ddocs, in fp32. Every FLOP runs in a GEMM-shaped tile loop (8 B N d in all with the forward) and the only

@@ -2,7 +2,7 @@
 effir/ops/info_nce.py: `forward(...) -> (loss, lse, dloss_dt)` (R, B) fp32 and `backward(...) -> (dq, ddocs)`.
 
 Inputs fp32 / fp16 / bf16, contiguous. Extra memory: O((B + N) d) fp32 gradient workspaces, O(B) statistics,
-and (blocked backward) one dS block of at most (B + N) d / 2 entries in the input dtype.
+and (blocked backward) one dS block of at most (B + N) d entries in the input dtype.
 """
 from __future__ import annotations
 
@@ -63,16 +63,17 @@ def forward(q, docs, temperature, query_groups, doc_groups, pos_offset: int, sym
 
 
 def block_shape(B: int, N: int, d: int) -> tuple[int, int]:
-    """(rows, cols) of one dS block of the blocked backward: at most (B + N) d / 2 entries (never more memory
-    than half the inputs), multiples of 256 rows/cols so the GEMM tiles stay full, and never the whole (B, N)
-    matrix unless it is that small anyway (<= 2**16 entries)."""
-    budget = max((B + N) * d // 2, 1 << 16)
+    """(rows, cols) of one dS block of the blocked backward: at most (B + N) d entries (no more memory than q
+    and docs themselves), at most 8192 x 8192, halved along the longer side until it fits, and never the whole
+    (B, N) matrix unless that has at most 2**16 entries. Large blocks keep the three launches per block few
+    (each launch costs ~10-20 us of host time; a 4096 x 8192 block at d = 768 is ~150 us of GPU work)."""
+    budget = max((B + N) * d, 1 << 16)
     rows, cols = min(B, 8192), min(N, 8192)
-    while rows * cols > budget and max(rows, cols) > 256:
+    while (rows * cols > budget or (rows == B and cols == N and B * N > (1 << 16))) and max(rows, cols) > 1:
         if cols >= rows:
-            cols = max(256, cols // 2)
+            cols = (cols + 1) // 2
         else:
-            rows = max(256, rows // 2)
+            rows = (rows + 1) // 2
     return rows, cols
 
 
