@@ -34,36 +34,47 @@ LN2 = tl.constexpr(0.6931471805599453)
 _FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2)
 
 
-def _configs(bwd: bool):
-    """Autotune space (16-bit inputs; fp32 always runs `_FP32`). EFFIR_TRITON_AUTOTUNE: "small" (default,
-    2 configs: a fresh GPU machine compiles every config of every constexpr variant, so this keeps first calls
-    to seconds), "full" (4 configs), "0" (one config, no tuning). Small problems (B * N < 2**22) skip tuning
-    (`_prune`): too short for the choice to matter. Every config compiles without register spills on sm_90
-    (bench/triton_aot.py): the fused backward kernels hold a score tile, its gradient and a gradient slice, so
-    they get 64-wide column tiles (128 x 128 spilled up to 332 bytes per thread)."""
+# 16-bit tiles per kernel group, (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_K = 64, best first. Every one
+# compiles on sm_90 without register spills and, for the GEMM-shaped kernels, without ptxas's C7513/C7515
+# (wgmma serialised) -- checked by bench/triton_aot.py: the fused backward kernels hold a score tile, its
+# gradient and a gradient slice, so they get 64-wide column tiles (128 x 128 spilled up to 332 bytes per
+# thread); 128 x 256 spills everywhere; 128 x 128 on 8 warps serialises wgmma in the GEMM but not in the
+# dS kernel; 256 x 64 on 8 warps (two 128 x 64 warpgroup tiles) does neither.
+_SHAPES = {
+    "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3)],
+    "fused_bwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
+    "dscores": [(256, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 4), (128, 64, 4, 4)],
+    "gemm": [(256, 64, 8, 3), (256, 64, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4)],
+}
+
+
+def _configs(kind: str):
+    """Autotune space of one kernel group (16-bit inputs; fp32 always runs `_FP32`). EFFIR_TRITON_AUTOTUNE:
+    "small" (default, the first 2: a fresh GPU machine compiles every config of every constexpr variant, so
+    this keeps first calls to seconds), "full" (all 4), "0" (the first, no tuning)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # CPU interpreter: one tiny config, no autotuning
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     mode = os.environ.get("EFFIR_TRITON_AUTOTUNE", "small")
-    if bwd:
-        shapes = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)]
-    else:
-        shapes = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3)]
+    shapes = _SHAPES[kind]
     shapes = shapes[:1] if mode == "0" else shapes[:2] if mode == "small" else shapes
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=st)
             for bm, bn, w, st in shapes] + [_FP32]
 
 
-def _prune(configs, named_args, **kwargs):
-    """fp32 -> the fp32 tile only; 16-bit -> the 16-bit tiles, only the first for small problems."""
-    if kwargs.get("IEEE"):
-        return [_FP32]
-    half = [c for c in configs if c is not _FP32]
-    if named_args["B"] * named_args["N"] < (1 << 22):
-        return half[:1]
-    return half
+def _pruner(work, small: int):
+    """early_config_prune: fp32 -> the fp32 tile only; 16-bit -> the 16-bit tiles, only the first when
+    work(args) < small (too short for the choice to matter, and tuning would cost more than it saves)."""
+    def prune(configs, named_args, **kwargs):
+        if kwargs.get("IEEE"):
+            return [_FP32]
+        half = [c for c in configs if c is not _FP32]
+        return half[:1] if work(named_args) < small else half
+
+    return {"early_config_prune": prune}
 
 
-_PRUNE = {"early_config_prune": _prune}
+_PRUNE = _pruner(lambda a: a["B"] * a["N"], 1 << 22)  # score-matrix kernels: B x N scores
+_PRUNE_MM = _pruner(lambda a: a["M"] * a["N"] * a["K"], 1 << 30)  # GEMM: M x N x K multiply-adds
 
 
 @triton.jit
@@ -104,7 +115,7 @@ def _keep(rows, cols, row_ok, col_ok, QG, DG, pos_offset, HAS_GROUPS: tl.constex
     return is_pos, keep
 
 
-@triton.autotune(configs=_configs(False), key=["K", "IEEE", "HAS_GROUPS"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs("fwd"), key=["K", "IEEE", "HAS_GROUPS"], prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd_kernel(Q, D, T, QG, DG, LOSS, LSE, DLDT, B, N, K, pos_offset, stride_q, stride_d,
                 HAS_GROUPS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -159,7 +170,7 @@ def _dscores(s, rows, cols, row_ok, col_ok, QG, DG, LSE, G, B, pos_offset, inv_t
     return p * inv_t
 
 
-@triton.autotune(configs=_configs(True), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], reset_to_zero=["DQ"],
+@triton.autotune(configs=_configs("fused_bwd"), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], reset_to_zero=["DQ"],
                  prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dq_kernel(Q, D, T, QG, DG, LSE, G, DQ, B, N, K, pos_offset, stride_q, stride_d,
@@ -187,7 +198,7 @@ def _bwd_dq_kernel(Q, D, T, QG, DG, LSE, G, DQ, B, N, K, pos_offset, stride_q, s
             tl.store(ptr, acc, mask=io)
 
 
-@triton.autotune(configs=_configs(True), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], reset_to_zero=["DD"],
+@triton.autotune(configs=_configs("fused_bwd"), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], reset_to_zero=["DD"],
                  prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_ddocs_kernel(Q, D, T, QG, DG, LSE, G, DD, B, N, K, pos_offset, stride_q, stride_d,
@@ -216,35 +227,7 @@ def _bwd_ddocs_kernel(Q, D, T, QG, DG, LSE, G, DD, B, N, K, pos_offset, stride_q
 
 
 # ---------------------------------------------------------------- blocked backward
-def _bwd_configs(gemm: bool):
-    """Autotune space of the blocked backward's dS kernel and GEMM, EFFIR_TRITON_AUTOTUNE as in `_configs`.
-    From sm_90 compiles (bench/triton_aot.py): 128 x 256 tiles spill; 128 x 128 on 8 warps gets ptxas's C7515
-    (wgmma serialised) in the GEMM, not in the dS kernel; 256 x 64 on 8 warps (two 128 x 64 warpgroup tiles)
-    gets neither."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
-    mode = os.environ.get("EFFIR_TRITON_AUTOTUNE", "small")
-    if gemm:
-        shapes = [(256, 64, 64, 8, 3), (256, 64, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-    else:
-        shapes = [(256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 4), (128, 64, 64, 4, 4)]
-    shapes = shapes[:1] if mode == "0" else shapes[:2] if mode == "small" else shapes
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in shapes] + [_FP32]
-
-
-def _prune_mm(configs, named_args, **kwargs):
-    """fp32 -> the fp32 tile; 16-bit -> the 16-bit tiles, only the first for small problems."""
-    if kwargs.get("IEEE"):
-        return [_FP32]
-    half = [c for c in configs if c is not _FP32]
-    if named_args["M"] * named_args["N"] * named_args["K"] < (1 << 30):
-        return half[:1]
-    return half
-
-
-@triton.autotune(configs=_bwd_configs(gemm=False), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("dscores"), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dscores_kernel(Q, D, T, QG, DG, LSE, G, DS, B, N, K, row0, col0, n_rows, n_cols, pos_offset,
                         stride_q, stride_d, stride_ds,
@@ -267,7 +250,7 @@ def _bwd_dscores_kernel(Q, D, T, QG, DG, LSE, G, DS, B, N, K, row0, col0, n_rows
     tl.store(ptr, ds.to(DS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_bwd_configs(gemm=True), key=["N", "IEEE"], prune_configs_by={"early_config_prune": _prune_mm},
+@triton.autotune(configs=_configs("gemm"), key=["N", "IEEE"], prune_configs_by=_PRUNE_MM,
                  restore_value=["C"])  # tuning runs the kernel several times: C must not accumulate them
 @triton.jit
 def _mm_acc_kernel(A, Bm, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,

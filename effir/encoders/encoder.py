@@ -142,8 +142,9 @@ class Encoder(nn.Module):
         if token_type_ids is not None:
             kwargs["token_type_ids"] = check_tensor("token_type_ids", token_type_ids, shape=tuple(input_ids.shape),
                                                     dtypes=_INT_DTYPES, device=input_ids.device)
-        if self._use_unpadded(attention_mask):
-            return self._pooled_unpadded(input_ids, attention_mask, token_type_ids)
+        counts = self._real_counts(attention_mask)
+        if counts is not None:
+            return self._pooled_unpadded(input_ids, attention_mask, token_type_ids, counts)
         hidden = _widen(self.model(**kwargs)[0])  # (B, T, H)
         if self.pooling == "cls":
             return hidden[:, 0]
@@ -160,26 +161,30 @@ class Encoder(nn.Module):
                               f"{self._unpad_reason})", stacklevel=4)
         return self._unpad_reason is None
 
-    def _use_unpadded(self, attention_mask: torch.Tensor) -> bool:
-        """Only when it saves work and keeps the padded forward's meaning: some padding, no empty row, and for
-        "cls" pooling the first position real in every row (the padded forward pools position 0)."""
-        if not self.unpad or bool(attention_mask.all()):
-            return False
+    def _real_counts(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Real tokens per row (B,) when the unpadded forward applies, else None. It applies only when it saves
+        work and keeps the padded forward's meaning: some padding, no empty row, and for "cls" pooling the
+        first position real in every row (the padded forward pools position 0). One host sync per batch."""
+        if not self.unpad:
+            return None
         real = attention_mask.bool()
-        if not bool(real.any(1).all()) or (self.pooling == "cls" and not bool(real[:, 0].all())):
-            return False
-        return self._can_unpad()
+        counts = real.sum(1)
+        fewest = int(counts.min())
+        if fewest == 0 or fewest == real.shape[1]:  # an empty row, or no padding at all
+            return None
+        if self.pooling == "cls" and not bool(real[:, 0].all()):
+            return None
+        return counts if self._can_unpad() else None
 
-    def _pooled_unpadded(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+    def _pooled_unpadded(self, input_ids, attention_mask, token_type_ids, counts) -> torch.Tensor:
         from .packed import packed_hidden_states
 
         hidden, row = packed_hidden_states(self.model, input_ids, attention_mask, token_type_ids)
         hidden = _widen(hidden)
-        counts = attention_mask.bool().sum(1)
         if self.pooling == "cls":  # each row's tokens are contiguous: its first one starts the row's run
             return hidden.index_select(0, torch.cumsum(counts, 0) - counts)
         sums = hidden.new_zeros(input_ids.shape[0], hidden.shape[1]).index_add_(0, row, hidden)
-        return sums / counts.to(hidden.dtype).clamp_min(1.0)[:, None]
+        return sums / counts.to(hidden.dtype)[:, None]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

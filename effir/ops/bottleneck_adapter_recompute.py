@@ -128,10 +128,10 @@ def adapter_ln_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, a
     du, dwd, dbd, dwu, dbu = _bottleneck_bwd(dv, u, a, h, wd, wu, scaling, activation)
     if original_ln_before:
         dz1, dlw1, dlb1 = torch.ops.aten.native_layer_norm_backward(du, z, (d,), mean1, rstd1, lw, lb, mask)
-        dx, dres = dz1.add_(dv), None
+        dx = dz1.add_(dv)
+        dres = None if res is None else dx
         if ln_param_grads:
             dlw, dlb = dlw + dlw1, dlb + dlb1
-        dres = None if res is None else dx
     else:
         dx, dres = du.add_(dv), dv
     if not ln_param_grads:
