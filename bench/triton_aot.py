@@ -59,6 +59,8 @@ QUICK = {
     ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 silu pfeiffer"),
     ("bottleneck_adapter._bwd_params_kernel", "bf16 d=768 r=48 pfeiffer"),
     ("bottleneck_adapter._fwd_kernel", "fp32 d=384 r=24 relu plain"),
+    ("bottleneck_adapter._bwd_rows_kernel", "fp64 d=768 r=48 gelu pfeiffer"),
+    ("bottleneck_adapter._sum_parts_kernel", "bf16 d=768 r=48 pfeiffer"),
 }
 
 
@@ -259,10 +261,11 @@ def adapter_launches(mod) -> list[Launch]:
     out = []
     M = 8192  # tokens per call (e.g. 32 x 256); only its divisibility by 16 reaches the compiler
     shapes = sorted({(d, r) for d in (384, 768, 1024) for r in (d // 16, 48)})
-    for dt in (torch.bfloat16, torch.float32):
-        for d, r in shapes:
+    # fp64 (the exact path: scalars read from an fp64 tensor, fp64 dots) once per layout at d = 768, r = 48
+    for dt in (torch.bfloat16, torch.float32, torch.float64):
+        for d, r in (shapes if dt != torch.float64 else [(768, 48)]):
             for (has_res, pre, post), layout in _LAYOUTS.items():
-                for act in ("relu", "gelu", "silu"):
+                for act in (("relu", "gelu", "silu") if dt != torch.float64 else ("gelu",)):
                     meta = dict(dtype=dt, device="meta")
                     x, dy = torch.empty(M, d, **meta), torch.empty(M, d, **meta)
                     res = torch.empty(M, d, **meta) if has_res else None
@@ -280,8 +283,8 @@ def adapter_launches(mod) -> list[Launch]:
                             for ln in _expand("bottleneck_adapter", kname, kernel, args, kwargs):
                                 c = ln.constexprs
                                 act_s = f" {acts[c['ACT']]}" if "ACT" in c else ""
-                                ln.variant = (f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} "
-                                              f"{_LAYOUTS[(c['HAS_RES'], c['PRE_LN'], c['POST_LN'])]}")
+                                lay = _LAYOUTS[(c["HAS_RES"], c["PRE_LN"], c["POST_LN"])] if "HAS_RES" in c else layout
+                                ln.variant = f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} {lay}"
                                 ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
                                 out.append(ln)
     return out

@@ -159,10 +159,21 @@ def _post_stats(X, RES, WU, BU, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M:
 
 
 @triton.jit
-def _fwd_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, Y, M, D, R, scaling, eps,
+def _scalars(SC, scaling, eps, CDT: tl.constexpr):
+    """(scaling, eps) in CDT. Triton passes Python floats as fp32, which would round 0.7 or 1e-5 to ~1e-8
+    relative error: the fp64 path reads them from a 2-element fp64 tensor instead (SC, see `_scalar_args`)."""
+    if CDT == tl.float64:
+        return tl.load(SC), tl.load(SC + 1)
+    else:
+        return scaling, eps
+
+
+@triton.jit
+def _fwd_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, Y, M, D, R, SC, scaling, eps,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                 HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
                 CDT: tl.constexpr):
+    scaling, eps = _scalars(SC, scaling, eps, CDT)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
@@ -199,10 +210,12 @@ def _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R,
 
 
 @triton.jit
-def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF, STATS, M, D, R, scaling, eps,
+def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF, STATS, M, D, R, SC,
+                     scaling, eps,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                      HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
                      CDT: tl.constexpr):
+    scaling, eps = _scalars(SC, scaling, eps, CDT)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
@@ -290,10 +303,11 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
 
 @triton.jit
 def _bwd_params_kernel(DY, X, RES, WD, WU, BU, LNW, LNB, HBUF, DABUF, STATS,
-                       PWD, PBD, PWU, PBU, PLNW, PLNB, M, D, R, rows_per_split, scaling,
+                       PART, TOTAL, M, D, R, rows_per_split, SC, scaling,
                        BLOCK_M: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_R: tl.constexpr,
                        HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
                        CDT: tl.constexpr):
+    scaling, _eps = _scalars(SC, scaling, 0.0, CDT)
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_d * BLOCK_DC + tl.arange(0, BLOCK_DC)
@@ -361,15 +375,35 @@ def _bwd_params_kernel(DY, X, RES, WD, WU, BU, LNW, LNB, HBUF, DABUF, STATS,
             du = _mm(da.to(wd.dtype), wd, IEEE).to(cdt)
             acc_lw += tl.sum(du * uhat, axis=0)
             acc_lb += tl.sum(du, axis=0)
-    base = pid_s.to(tl.int64) * D * R
-    tl.store(PWU + base + cols[:, None] * R + rr[None, :], acc_wu, mask=cmask[:, None] & qmask[None, :])
-    tl.store(PWD + base + rr[:, None] * D + cols[None, :], acc_wd, mask=qmask[:, None] & cmask[None, :])
-    tl.store(PBU + pid_s * D + cols, acc_bu, mask=cmask)
+    # one partial row per split: [dWu (D, R) | dWd (R, D) | dbu (D) | dbd (R) | dlnw (D) | dlnb (D)], see `_part_views`
+    part = PART + pid_s.to(tl.int64) * TOTAL
+    tl.store(part + cols[:, None] * R + rr[None, :], acc_wu, mask=cmask[:, None] & qmask[None, :])
+    tl.store(part + D * R + rr[:, None] * D + cols[None, :], acc_wd, mask=qmask[:, None] & cmask[None, :])
+    tl.store(part + 2 * D * R + cols, acc_bu, mask=cmask)
     if PRE_LN or POST_LN:
-        tl.store(PLNW + pid_s * D + cols, acc_lw, mask=cmask)
-        tl.store(PLNB + pid_s * D + cols, acc_lb, mask=cmask)
+        tl.store(part + 2 * D * R + D + R + cols, acc_lw, mask=cmask)
+        tl.store(part + 2 * D * R + 2 * D + R + cols, acc_lb, mask=cmask)
     if pid_d == 0:
-        tl.store(PBD + pid_s * R + rr, acc_bd, mask=qmask)
+        tl.store(part + 2 * D * R + D + rr, acc_bd, mask=qmask)
+
+
+@triton.jit
+def _sum_parts_kernel(PART, TOTAL, N_USED, SPLITS, O0, O1, O2, O3, O4, O5, E1, E2, E3, E4, E5,
+                      BLOCK: tl.constexpr, CDT: tl.constexpr):
+    """Sum the (SPLITS, TOTAL) partial rows in split order (deterministic) and write the six gradients, each
+    in its parameter's dtype: element i of the row belongs to output k when E_k <= i < E_{k+1} (E_0 = 0,
+    E_6 = N_USED <= TOTAL, the row stride). One launch instead of six sums and six casts (host time bounds this op at small sizes)."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < N_USED
+    acc = tl.zeros((BLOCK,), dtype=CDT)
+    for sp in range(0, SPLITS):
+        acc += tl.load(PART + sp * TOTAL + idx, mask=ok, other=0.0)
+    tl.store(O0 + idx, acc.to(O0.dtype.element_ty), mask=ok & (idx < E1))
+    tl.store(O1 + (idx - E1), acc.to(O1.dtype.element_ty), mask=ok & (idx >= E1) & (idx < E2))
+    tl.store(O2 + (idx - E2), acc.to(O2.dtype.element_ty), mask=ok & (idx >= E2) & (idx < E3))
+    tl.store(O3 + (idx - E3), acc.to(O3.dtype.element_ty), mask=ok & (idx >= E3) & (idx < E4))
+    tl.store(O4 + (idx - E4), acc.to(O4.dtype.element_ty), mask=ok & (idx >= E4) & (idx < E5))
+    tl.store(O5 + (idx - E5), acc.to(O5.dtype.element_ty), mask=ok & (idx >= E5))
 
 
 def _blocks(d: int, r: int, dtype: torch.dtype):
@@ -403,6 +437,12 @@ def _flags(x: torch.Tensor):
                 CDT=tl.float64 if x.dtype == torch.float64 else tl.float32)
 
 
+def _scalar_args(x: torch.Tensor, scaling: float, eps: float):
+    """(SC, scaling, eps) kernel arguments: SC holds both in fp64 for fp64 inputs (read there), else x (unread)."""
+    sc = torch.tensor([scaling, eps], dtype=torch.float64, device=x.device) if x.dtype == torch.float64 else x
+    return sc, float(scaling), float(eps)
+
+
 def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str, scaling: float,
                       eps: float, pre_ln: bool, post_ln: bool) -> torch.Tensor:
     """y (M, d) of one variant (see module doc). x, res: (M, d) contiguous; res/ln_* may be None."""
@@ -414,7 +454,7 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
     _fwd_kernel[(triton.cdiv(m, bm),)](
         x, res if res is not None else dummy, w_down, b_down, w_up, b_up,
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy, y,
-        m, d, r, float(scaling), float(eps), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation],
+        m, d, r, *_scalar_args(x, scaling, eps), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation],
         HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln, num_warps=_warps(bm, bk, br),
         num_stages=_stages(x), **_flags(x))
     return y
@@ -446,9 +486,10 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     lnw = ln_weight if ln_weight is not None else dummy
     lnb = ln_bias if ln_bias is not None else dummy
     flags = dict(HAS_RES=has_res, PRE_LN=pre_ln, POST_LN=post_ln, **_flags(x))
+    sc = _scalar_args(x, scaling, eps)
     _bwd_rows_kernel[(triton.cdiv(m, bm),)](
         dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb, dx,
-        dres if has_res else dummy, hbuf, dabuf, stats, m, d, r, float(scaling), float(eps),
+        dres if has_res else dummy, hbuf, dabuf, stats, m, d, r, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=_warps(bm, bk, br),
         num_stages=_stages(x), **flags)
     # parameter-gradient tiles: two (BLOCK_DC, BLOCK_R) fp32 accumulators per program, 8 warps. The LayerNorm
@@ -463,22 +504,26 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     splits = _n_splits(m, block_m2, n_dc, dev)
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m2) * block_m2
     splits = triton.cdiv(m, rows_per_split)
-    pwd = torch.empty((splits, r, d), dtype=cdt, device=dev)
-    pwu = torch.empty((splits, d, r), dtype=cdt, device=dev)
-    pbu = torch.empty((splits, d), dtype=cdt, device=dev)
-    pbd = torch.empty((splits, r), dtype=cdt, device=dev)
+    # all six parameter-gradient partials in one (splits, total) buffer: one allocation and one reduction (the
+    # host, not the GPU, bounds this op at a few thousand tokens: each extra torch op costs ~30 us there)
+    total = 2 * d * r + 3 * d + r
+    part = torch.empty((splits, total), dtype=cdt, device=dev)
     ln = pre_ln or post_ln
-    plnw = torch.empty((splits, d), dtype=cdt, device=dev) if ln else pbu
-    plnb = torch.empty((splits, d), dtype=cdt, device=dev) if ln else pbu
     _bwd_params_kernel[(n_dc, splits)](
         dy, x, res if has_res else dummy, w_down, w_up, b_up, lnw, lnb, hbuf, dabuf, stats,
-        pwd, pbd, pwu, pbu, plnw, plnb, m, d, r, rows_per_split, float(scaling),
+        part, total, m, d, r, rows_per_split, *sc[:2],
         BLOCK_M=block_m2, BLOCK_DC=block_dc, BLOCK_R=br, num_warps=8, num_stages=_stages(x), **flags)
-    # fixed-order sums over the splits: deterministic
-    dw_down = pwd.sum(0).to(w_down.dtype)
-    db_down = pbd.sum(0).to(b_down.dtype)
-    dw_up = pwu.sum(0).to(w_up.dtype)
-    db_up = pbu.sum(0).to(b_up.dtype)
-    dlnw = plnw.sum(0).to(ln_weight.dtype) if ln else None
-    dlnb = plnb.sum(0).to(ln_bias.dtype) if ln else None
+    # fixed-order sum over the splits, written straight into the gradients (parameter dtypes)
+    dw_up, dw_down = torch.empty_like(w_up), torch.empty_like(w_down)
+    db_up, db_down = torch.empty_like(b_up), torch.empty_like(b_down)
+    dlnw = torch.empty_like(ln_weight) if ln else None
+    dlnb = torch.empty_like(ln_bias) if ln else None
+    ends = [d * r, 2 * d * r, 2 * d * r + d, 2 * d * r + d + r, 2 * d * r + 2 * d + r]
+    if not ln:  # no LayerNorm partials: both LayerNorm ranges empty, their pointers never written
+        ends[4] = ends[3]
+    n_used = total if ln else ends[3]
+    blk = 1024
+    _sum_parts_kernel[(triton.cdiv(n_used, blk),)](
+        part, total, n_used, splits, dw_up, dw_down, db_up, db_down, dlnw if ln else dummy, dlnb if ln else dummy,
+        *ends, BLOCK=blk, CDT=flags["CDT"], num_warps=4)
     return dx, dres, dw_down, db_down, dw_up, db_up, dlnw, dlnb

@@ -125,7 +125,10 @@ def _fwd_kernel(Q, D, T, QG, DG, LOSS, LSE, DLDT, B, N, K, pos_offset, stride_q,
     row_ok = rows < B
     t = tl.load(T).to(tl.float32)
     inv_t = 1.0 / t
-    scale = inv_t * LOG2E
+    # Logits x = s / t stay in natural units and the max is subtracted before the LOG2E scaling: the positive's
+    # logit (diag) is then the very value that entered the max, so a row whose positive dominates gets
+    # loss = (m - diag) + ln(l) with m - diag exact, and a one-candidate row gets exactly 0 (as torch does).
+    # Folding LOG2E into the logits (x * LOG2E - m2, one FMA) leaves a rounding residual there instead.
     # finite floor for the running max: a fully masked tile gives exp2(-inf) = 0, never inf - inf = nan
     m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -136,18 +139,19 @@ def _fwd_kernel(Q, D, T, QG, DG, LOSS, LSE, DLDT, B, N, K, pos_offset, stride_q,
         col_ok = cols < N
         s = _scores(Q, D, rows, cols, row_ok, col_ok, K, stride_q, stride_d, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         is_pos, keep = _keep(rows, cols, row_ok, col_ok, QG, DG, pos_offset, HAS_GROUPS)
-        x = tl.where(keep, s * scale, float("-inf"))
+        x = tl.where(keep, s * inv_t, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, 1))
-        alpha = tl.exp2(m_i - m_new)
-        e = tl.exp2(x - m_new[:, None])
+        alpha = tl.exp2((m_i - m_new) * LOG2E)
+        e = tl.exp2((x - m_new[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(e, 1)
-        w_i = w_i * alpha + tl.sum(e * s, 1)
-        diag += tl.sum(tl.where(is_pos, s, 0.0), 1)
+        w_i = w_i * alpha + tl.sum(e * s, 1)  # s, not x: masked x is -inf and 0 * -inf = nan
+        diag += tl.sum(tl.where(is_pos, x, 0.0), 1)
         m_i = m_new
-    lse = (m_i + tl.log2(l_i)) * LN2
-    tl.store(LSE + rows, lse, mask=row_ok)
-    tl.store(LOSS + rows, lse - diag * inv_t, mask=row_ok)
-    tl.store(DLDT + rows, (diag - w_i / l_i) * inv_t * inv_t, mask=row_ok)
+    log_l = tl.log2(l_i) * LN2
+    tl.store(LSE + rows, m_i + log_l, mask=row_ok)
+    tl.store(LOSS + rows, (m_i - diag) + log_l, mask=row_ok)
+    # d loss / d t = (s_pos - sum_j P_j s_j) / t^2 = (x_pos - (sum_j P_j s_j) / t) / t
+    tl.store(DLDT + rows, (diag - (w_i / l_i) * inv_t) * inv_t, mask=row_ok)
 
 
 @triton.jit
@@ -155,16 +159,17 @@ def _dscores(s, rows, cols, row_ok, col_ok, QG, DG, LSE, G, B, pos_offset, inv_t
              HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr):
     """dL/dS tile: (1/t)(g_r[i] P_ij + [j<B] g_c[j] Pc_ij - [j == i+o](g_r[i] + g_c[i])), masked -> 0."""
     is_pos, keep = _keep(rows, cols, row_ok, col_ok, QG, DG, pos_offset, HAS_GROUPS)
-    x = s * (inv_t * LOG2E)
-    lse_r = tl.load(LSE + rows, mask=row_ok, other=0.0) * LOG2E
+    # natural units, as in the forward: x - lse is exact where the forward's sum was a single term (P = 1)
+    x = s * inv_t
+    lse_r = tl.load(LSE + rows, mask=row_ok, other=0.0)
     g_r = tl.load(G + rows, mask=row_ok, other=0.0)
-    p = tl.where(keep, tl.exp2(x - lse_r[:, None]) * g_r[:, None], 0.0)
+    p = tl.where(keep, tl.exp2((x - lse_r[:, None]) * LOG2E) * g_r[:, None], 0.0)
     g_diag = g_r
     if SYMMETRIC:
         col_c = col_ok & (cols < B)
-        lse_c = tl.load(LSE + B + cols, mask=col_c, other=0.0) * LOG2E
+        lse_c = tl.load(LSE + B + cols, mask=col_c, other=0.0)
         g_c = tl.load(G + B + cols, mask=col_c, other=0.0)
-        p += tl.where(keep & col_c[None, :], tl.exp2(x - lse_c[None, :]) * g_c[None, :], 0.0)
+        p += tl.where(keep & col_c[None, :], tl.exp2((x - lse_c[None, :]) * LOG2E) * g_c[None, :], 0.0)
         g_diag += tl.load(G + B + rows, mask=row_ok, other=0.0)
     p = tl.where(is_pos, p - g_diag[:, None], p)
     return p * inv_t
@@ -250,7 +255,8 @@ def _bwd_dscores_kernel(Q, D, T, QG, DG, LSE, G, DS, B, N, K, row0, col0, n_rows
     tl.store(ptr, ds.to(DS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_configs("gemm"), key=["N", "IEEE"], prune_configs_by=_PRUNE_MM,
+# M in the key: the dq and ddocs GEMMs of one dS block have different row counts when the block is not square
+@triton.autotune(configs=_configs("gemm"), key=["M", "N", "IEEE"], prune_configs_by=_PRUNE_MM,
                  restore_value=["C"])  # tuning runs the kernel several times: C must not accumulate them
 @triton.jit
 def _mm_acc_kernel(A, Bm, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,

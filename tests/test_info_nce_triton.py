@@ -98,14 +98,45 @@ def test_triton_backward_variant_env_is_checked(monkeypatch):
 
 @pytest.mark.parametrize("B,N,d", [(32768, 32768, 768), (65536, 65536, 384), (4096, 4096, 768), (7, 9, 5),
                                    (300, 300, 7), (512, 512, 768), (1, 100000, 1000), (100000, 1, 64)])
-def test_blocked_backward_block_shape(B, N, d):
-    """dS blocks: inside the matrix, at most (B + N) d entries (or 2**16), never all of a (B, N) above 2**16."""
+@pytest.mark.parametrize("factor", [1, 2])
+def test_blocked_backward_block_shape(B, N, d, factor):
+    """dS blocks: inside the matrix, at most factor (B + N) d entries (or 2**16), never all of a (B, N) above
+    2**16."""
     from effir.ops.info_nce_triton import block_shape
 
-    rows, cols = block_shape(B, N, d)
+    rows, cols = block_shape(B, N, d, factor)
     assert 1 <= rows <= B and 1 <= cols <= N
-    assert rows * cols <= max((B + N) * d, 1 << 16)
+    assert rows * cols <= max(factor * (B + N) * d, 1 << 16)
     if B * N > (1 << 16):
         assert rows * cols < B * N
-    if (B, N, d) == (32768, 32768, 768):
-        assert (rows, cols) == (8192, 4096)  # 32 blocks: few launches, 64 MiB of bf16 dS
+    if (B, N, d) == (32768, 32768, 768):  # 32 blocks of 64 MiB bf16 dS, or 16 square ones of 128 MiB
+        assert (rows, cols) == ((8192, 4096) if factor == 1 else (8192, 8192))
+
+
+def test_ds_block_factor_env(monkeypatch):
+    from effir.ops.info_nce_triton import block_shape, ds_block_factor
+
+    monkeypatch.delenv("EFFIR_TRITON_DS_BLOCK", raising=False)
+    assert ds_block_factor() == 2
+    monkeypatch.setenv("EFFIR_TRITON_DS_BLOCK", "1")
+    assert block_shape(32768, 32768, 768) == (8192, 4096)
+    monkeypatch.setenv("EFFIR_TRITON_DS_BLOCK", "3")
+    with pytest.raises(ValueError, match="EFFIR_TRITON_DS_BLOCK"):
+        ds_block_factor()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_triton_single_candidate_is_exactly_zero(dtype, symmetric):
+    """One query, one passage: softmax over one logit is 1, so loss, every gradient and d/dt are exactly 0 in
+    torch. The kernels must give exact zeros too (the first H100 run gave ~1e-8 residues at B = 1, M = 0 when
+    LOG2E was folded into the logits), not merely small values."""
+    from effir.losses import info_nce
+
+    g = torch.Generator().manual_seed(11)
+    q, p = (torch.randn(1, 7, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    t = torch.tensor(0.05, requires_grad=True)
+    loss = info_nce(q, p, temperature=t, symmetric=symmetric, backend="triton")
+    loss.backward()
+    for name, v in (("loss", loss), ("dq", q.grad), ("dp", p.grad), ("dt", t.grad)):
+        assert torch.count_nonzero(v.detach()) == 0, f"{name} = {v} is not exactly 0"

@@ -4,7 +4,8 @@
    reference, loss and every gradient, fp32 and bf16 inputs, with/without symmetric + groups + negatives,
    odd B / M / d; error rule of tests/_errors.py (no worse than torch's own same-dtype error x 4).
 2. Forward+backward timings at B = N in {4096, 16384, 32768, 65536}, d in {384, 768}, bf16, unit-norm
-   embeddings, temperature 0.05, one direction (query -> passage, in-batch negatives): effir triton (and cuda),
+   embeddings, temperature 0.05, one direction (query -> passage, in-batch negatives): effir triton (and cuda;
+   also the Triton backward with dS blocks of (B + N) d entries instead of 2 (B + N) d, and the fused design),
    the torch eager reference, torch.compile of it, sentence-transformers' MultipleNegativesRankingLoss
    (`compute_loss_from_embeddings`, scale 20), memeff `MemoryEfficientQwen3Loss` (margin 2 = no false-negative
    mask, normalized_inputs, stable=False) and inf-cl `cal_flash_loss` (head_dim 128, fp32 inside by design).
@@ -44,15 +45,19 @@ def _loss_grads(fn, q, p, neg, t):
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, p, neg)]
     tt = torch.tensor(t, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device,
                       requires_grad=True)
-    out = fn(*leaves, tt)
+    q_, p_, n_ = leaves
+    out = fn(q_, p_, n_ if n_.shape[0] else None, tt)  # M = 0: no negatives argument at all
     w = torch.linspace(0.5, 1.5, out.numel(), device=q.device, dtype=out.dtype).reshape(out.shape)
-    return [out] + list(torch.autograd.grad((out * w).sum(), leaves + [tt]))
+    grads = torch.autograd.grad((out * w).sum(), leaves + [tt], allow_unused=True)
+    return [out] + [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves + [tt])]
 
 
 # (B, M, d, dtype, symmetric+groups): few constexpr variants, because a fresh machine compiles each one
+# B = 1, M = 0: one candidate, so torch's loss and gradients are exactly 0 (the first H100 run caught residues)
 CASES = [(1001, 257, 768, torch.float32, False), (1001, 257, 768, torch.bfloat16, True),
-         (333, 77, 129, torch.bfloat16, False), (333, 77, 129, torch.float32, True)]
-QUICK_CASES = [(333, 77, 129, torch.bfloat16, True)]
+         (333, 77, 129, torch.bfloat16, False), (333, 77, 129, torch.float32, True),
+         (1, 0, 7, torch.float32, False), (1, 0, 7, torch.float16, True)]
+QUICK_CASES = [(333, 77, 129, torch.bfloat16, True), (1, 0, 7, torch.float32, False), (1, 0, 7, torch.float16, True)]
 
 
 def correctness(backends, quick, deadline):
@@ -64,8 +69,8 @@ def correctness(backends, quick, deadline):
         g = torch.Generator(device=DEVICE).manual_seed(B + d)
         x64 = torch.nn.functional.normalize(torch.randn(2 * B + M, d, generator=g, device=DEVICE,
                                                         dtype=torch.float64), dim=1)
-        qg = torch.randint(0, B // 3, (B,), generator=g, device=DEVICE)
-        dg = torch.randint(0, B // 3, (B + M,), generator=g, device=DEVICE)
+        qg = torch.randint(0, max(1, B // 3), (B,), generator=g, device=DEVICE)
+        dg = torch.randint(0, max(1, B // 3), (B + M,), generator=g, device=DEVICE)
         x = x64.to(dtype)
         q, p, neg = x[:B], x[B:2 * B], x[2 * B:]
         kw = dict(symmetric=sym, query_groups=qg if sym else None, doc_groups=dg if sym else None,
@@ -103,39 +108,46 @@ def _effir(backend):
 
 
 @contextlib.contextmanager
-def triton_backward(variant: str):
-    """Run the Triton backend with backward design `variant` ("blocked" | "fused", kernels/info_nce.py)."""
-    old = os.environ.get("EFFIR_TRITON_LOSS_BWD")
-    os.environ["EFFIR_TRITON_LOSS_BWD"] = variant
+def _env(**values):
+    """Set environment variables (the Triton backend reads its backward design knobs per call), then restore."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("EFFIR_TRITON_LOSS_BWD", None)
-        else:
-            os.environ["EFFIR_TRITON_LOSS_BWD"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-class _FusedBwd(torch.autograd.Function):
-    """Identity on the loss whose backward switches the Triton backward design while autograd runs below it."""
+def triton_backward(variant: str):
+    """Run the Triton backend with backward design `variant` ("blocked" | "fused", kernels/info_nce.py)."""
+    return _env(EFFIR_TRITON_LOSS_BWD=variant)
+
+
+class _EnvBwd(torch.autograd.Function):
+    """Identity on the Triton loss whose backward runs under other env knobs (a backward design, a dS block size)."""
 
     @staticmethod
-    def forward(ctx, q, p):
+    def forward(ctx, q, p, env):
         with torch.enable_grad():
             q_, p_ = q.detach().requires_grad_(), p.detach().requires_grad_()
             loss = info_nce(q_, p_, temperature=TEMPERATURE, backend="triton")
         ctx.saved = (q_, p_, loss)
+        ctx.env = env
         return loss.detach()
 
     @staticmethod
     def backward(ctx, g):
         q_, p_, loss = ctx.saved
-        with triton_backward("fused"):
-            return torch.autograd.grad(loss, (q_, p_), g)
+        with _env(**ctx.env):
+            return (*torch.autograd.grad(loss, (q_, p_), g), None)
 
 
-def _effir_triton_fused_bwd(q, p):
-    return _FusedBwd.apply(q, p)
+def _effir_triton_env(**env):
+    return lambda q, p: _EnvBwd.apply(q, p, env)
 
 
 def _eager(q, p):
@@ -190,17 +202,22 @@ def _inf_cl():
     return (lambda q, p: cal_flash_loss(q, p, scale=1.0 / TEMPERATURE, head_dim=128).mean()), None
 
 
-def contestants(backends):
+def contestants(backends, quick=False):
     out = {f"effir_{b}": (_effir(b), None, False) for b in backends}
-    if "triton" in backends:  # the other backward design, side by side (the blocked one is the default)
-        out["effir_triton_fused_bwd"] = (_effir_triton_fused_bwd, "EFFIR_TRITON_LOSS_BWD=fused", False)
+    if "triton" in backends:  # the other backward designs, side by side (blocked, square dS blocks is the default)
+        out["effir_triton_ds1x"] = (_effir_triton_env(EFFIR_TRITON_DS_BLOCK="1"), "EFFIR_TRITON_DS_BLOCK=1", False)
+        out["effir_triton_fused_bwd"] = (_effir_triton_env(EFFIR_TRITON_LOSS_BWD="fused"),
+                                         "EFFIR_TRITON_LOSS_BWD=fused", False)
     for name, maker, dense in (("memeff", _memeff, False), ("inf_cl", _inf_cl, False)):
         fn, note = maker()
         out[name] = (fn, note, dense)
     out["torch_eager"] = (_eager, None, True)
     fn, note = _st_mnrl()
     out["st_mnrl"] = (fn, note, True)
-    out["torch_compile"] = (_compiled, None, True)  # last: its first call compiles (tens of seconds)
+    if quick:  # its first call compiled for > 60 s on a fresh H100 machine (2026-11-27): the full run only
+        out["torch_compile"] = (None, "skipped in --quick (compiles for over a minute on a fresh machine)", True)
+    else:
+        out["torch_compile"] = (_compiled, None, True)  # last: its first call compiles (tens of seconds)
     return out
 
 
@@ -232,10 +249,21 @@ def _time_one(fn, q, p, quick):
     return ms, torch.cuda.max_memory_allocated() - base
 
 
+def _breakdown(fn, q, p):
+    """Per-kernel GPU time of one forward+backward (where the time goes: forward, dS, the two GEMMs)."""
+    from bench.gpu._timing import kernel_breakdown
+
+    leaves = [q.detach().requires_grad_(True), p.detach().requires_grad_(True)]
+    try:
+        return kernel_breakdown(lambda: fn(*leaves).backward(), steps=2)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 def timings(backends, quick, deadline, matmul_flops):
     rows = []
     free = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 8 << 30
-    cont = contestants(backends)
+    cont = contestants(backends, quick)
     for B, d in (QUICK_SIZES if quick else SIZES):
         g = torch.Generator(device=DEVICE).manual_seed(B + d)
         x = torch.nn.functional.normalize(torch.randn(2 * B, d, generator=g, device=DEVICE), dim=1).bfloat16()
@@ -260,6 +288,8 @@ def timings(backends, quick, deadline, matmul_flops):
                 rows.append({**row, "status": "ok", "note": note, "fwd_bwd_ms": ms, "peak_bytes": peak,
                              "tflops": tf / 1e12,
                              "frac_of_matmul": (tf / matmul_flops) if matmul_flops else None})
+                if name == "effir_triton" and (B, d) == (32768, 768) and DEVICE == "cuda":
+                    rows[-1]["kernels"] = _breakdown(fn, q, p)
             except torch.OutOfMemoryError:
                 rows.append({**row, "status": "oom"})
             except Exception as exc:
@@ -280,12 +310,24 @@ def _summary(rows):
     s = {"triton_ms": tri["fwd_bwd_ms"], "triton_frac_of_matmul": tri.get("frac_of_matmul"),
          "triton_peak_bytes": tri["peak_bytes"],
          "inputs_bytes": 2 * 32768 * 768 * 2}
-    if "effir_triton_fused_bwd" in at:
-        s["triton_fused_bwd_ms"] = at["effir_triton_fused_bwd"]["fwd_bwd_ms"]
+    for alt in ("effir_triton_fused_bwd", "effir_triton_ds1x"):
+        if alt in at:
+            s[f"{alt[6:]}_ms"] = at[alt]["fwd_bwd_ms"]
     for peer in ("memeff", "inf_cl", "torch_eager", "torch_compile", "st_mnrl"):
         if peer in at:
             s[f"speedup_vs_{peer}"] = at[peer]["fwd_bwd_ms"] / tri["fwd_bwd_ms"]
     return s
+
+
+def best_configs() -> dict:
+    """The tile configs the autotuner picked, per kernel and tuning key (to order kernels/info_nce._SHAPES)."""
+    from kernels import info_nce as k
+
+    out = {}
+    for name in ("_fwd_kernel", "_bwd_dscores_kernel", "_mm_acc_kernel", "_bwd_dq_kernel", "_bwd_ddocs_kernel"):
+        cache = getattr(getattr(k, name, None), "cache", None) or {}
+        out[name] = {str(key): str(cfg) for key, cfg in cache.items()}
+    return out
 
 
 def run(out, quick: bool = False, budget_s: float = 170.0, backends=None) -> dict:
@@ -308,6 +350,7 @@ def run(out, quick: bool = False, budget_s: float = 170.0, backends=None) -> dic
     try:
         res["timing"] = timings(backends, quick, deadline - 5, mm)
         res["targets"] = _summary(res["timing"])
+        res["best_configs"] = best_configs()
     except Exception as exc:
         res["timing"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
     res["seconds"] = round(time.time() - t0, 1)

@@ -62,12 +62,24 @@ def forward(q, docs, temperature, query_groups, doc_groups, pos_offset: int, sym
     return loss, lse, dldt
 
 
-def block_shape(B: int, N: int, d: int) -> tuple[int, int]:
-    """(rows, cols) of one dS block of the blocked backward: at most (B + N) d entries (no more memory than q
-    and docs themselves), at most 8192 x 8192, halved along the longer side until it fits, and never the whole
-    (B, N) matrix unless that has at most 2**16 entries. Large blocks keep the three launches per block few
-    (each launch costs ~10-20 us of host time; a 4096 x 8192 block at d = 768 is ~150 us of GPU work)."""
-    budget = max((B + N) * d, 1 << 16)
+def ds_block_factor() -> int:
+    """EFFIR_TRITON_DS_BLOCK (default 2): a dS block holds at most this many times (B + N) d entries."""
+    v = os.environ.get("EFFIR_TRITON_DS_BLOCK", "2")
+    if v not in ("1", "2"):
+        raise ValueError(f"EFFIR_TRITON_DS_BLOCK must be '1' or '2', got {v!r}")
+    return int(v)
+
+
+def block_shape(B: int, N: int, d: int, factor: int | None = None) -> tuple[int, int]:
+    """(rows, cols) of one dS block of the blocked backward: at most factor (B + N) d entries (the memory stays
+    O((B + N) d), like q and docs themselves), at most 8192 x 8192, halved along the longer side until it fits,
+    and never the whole (B, N) matrix unless that has at most 2**16 entries. Large blocks keep the three
+    launches per block few (each launch costs ~10-30 us of host time) and, with factor 2, square: at
+    B = N = 32768, d = 768 factor 1 gives 8192 x 4096 blocks, whose ddocs GEMM (4096 output rows) fills only
+    1.45 waves of 256 x 64 tiles on 132 SMs (the first H100 run: backward at 45% of the matmul rate); 8192 x 8192
+    gives both GEMMs 8192 rows (2.9 waves) for 128 MiB of bf16 dS (1.3x the inputs)."""
+    factor = ds_block_factor() if factor is None else factor
+    budget = max(factor * (B + N) * d, 1 << 16)
     rows, cols = min(B, 8192), min(N, 8192)
     while (rows * cols > budget or (rows == B and cols == N and B * N > (1 << 16))) and max(rows, cols) > 1:
         if cols >= rows:
