@@ -460,6 +460,16 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
     return y
 
 
+def _params_block_m() -> int:
+    """Rows per step of the LayerNorm variants' parameter-gradient kernel: EFFIR_ADAPTER_PARAMS_BLOCK_M, 16
+    (default: no spills on sm_90), 32 or 64 (wider tensor-core steps, some spilling): timed side by side by
+    bench/gpu/adapter.py."""
+    v = os.environ.get("EFFIR_ADAPTER_PARAMS_BLOCK_M", "16")
+    if v not in ("16", "32", "64"):
+        raise ValueError(f"EFFIR_ADAPTER_PARAMS_BLOCK_M must be 16, 32 or 64, got {v!r}")
+    return int(v)
+
+
 def _n_splits(m: int, block_m: int, n_dchunks: int, device: torch.device) -> int:
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -497,7 +507,7 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     # step keeps them in registers (64 rows spilled up to 1.5 KB per thread on sm_90; bench/triton_aot.py)
     block_dc = max(16, min(bk, 4096 // br))
     if pre_ln or post_ln:
-        block_m2 = 16
+        block_m2 = _params_block_m()
     else:
         block_m2 = max(16, min(64, 4096 // br)) if x.dtype != torch.float64 else max(16, min(32, 2048 // br))
     n_dc = triton.cdiv(d, block_dc)

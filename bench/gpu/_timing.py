@@ -1,6 +1,8 @@
-"""Timing helper shared by the GPU sections: median of CUDA-event timings after warm-up."""
+"""Helpers shared by the GPU sections: CUDA-event and CUDA-graph timings, per-kernel breakdowns, env knobs."""
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 
 import torch
@@ -72,3 +74,18 @@ def kernel_breakdown(fn, steps: int = 3, top: int = 12) -> list[dict]:
             rows.append({"name": ev.key[:160], "calls_per_step": ev.count / steps, "us_per_step": us / steps})
     rows.sort(key=lambda r: -r["us_per_step"])
     return rows[:top]
+
+
+@contextlib.contextmanager
+def env_vars(**values):
+    """Set environment variables for a block (the kernels read their design knobs per call), then restore."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

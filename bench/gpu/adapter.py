@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu._timing import graph_ms, kernel_breakdown
+from bench.gpu._timing import env_vars, graph_ms, kernel_breakdown
 from tests._errors import _ULPS, FACTOR, rel_err
 
 from effir.backends import available_backends
@@ -161,6 +161,11 @@ def timings(backends, quick, copy_bps, deadline):
         leaves = {k: p[k].detach().requires_grad_(k in ("h", "t", "w_down", "b_down", "w_up", "b_up"))
                   for k in _ARGS}
         methods = {f"effir_{be}": _fn(variant, be, act, scaling) for be in backends}
+        envs = {}
+        if "triton" in backends and variant != "plain" and m * d >= 65536 * 768:
+            # the parameter-gradient kernel's rows per step, side by side (16 is the default: no spills)
+            methods["effir_triton_pbm32"] = methods["effir_triton"]
+            envs["effir_triton_pbm32"] = {"EFFIR_ADAPTER_PARAMS_BLOCK_M": "32"}
         methods["torch_eager"] = _fn(variant, None, act, scaling)
         if not quick or m * d >= (65536 * 768):  # quick: the target shape only (a compile is ~15 s)
             key = variant
@@ -181,9 +186,10 @@ def timings(backends, quick, copy_bps, deadline):
             if variant == "plain":
                 grad_of = [g for g in grad_of if g is not leaves["t"]]
 
-            def step(f=f, grad_of=grad_of):
-                y = f(*[leaves[k] for k in _ARGS])
-                torch.autograd.grad(y, grad_of, p["dy"])
+            def step(f=f, grad_of=grad_of, env=envs.get(name, {})):
+                with env_vars(**env):
+                    y = f(*[leaves[k] for k in _ARGS])
+                    torch.autograd.grad(y, grad_of, p["dy"])
 
             row = {"variant": variant, "method": name, "M": m, "d": d, "r": r, "dtype": "bf16"}
             try:

@@ -17,15 +17,14 @@ Writes out/loss.json (one file) and returns the same dict.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
+from bench.gpu._timing import env_vars
 from tests._errors import _ULPS, FACTOR, rel_err
 
 from effir.backends import available_backends
@@ -107,24 +106,9 @@ def _effir(backend):
     return lambda q, p: info_nce(q, p, temperature=TEMPERATURE, backend=backend)
 
 
-@contextlib.contextmanager
-def _env(**values):
-    """Set environment variables (the Triton backend reads its backward design knobs per call), then restore."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def triton_backward(variant: str):
     """Run the Triton backend with backward design `variant` ("blocked" | "fused", kernels/info_nce.py)."""
-    return _env(EFFIR_TRITON_LOSS_BWD=variant)
+    return env_vars(EFFIR_TRITON_LOSS_BWD=variant)
 
 
 class _EnvBwd(torch.autograd.Function):
@@ -142,7 +126,7 @@ class _EnvBwd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         q_, p_, loss = ctx.saved
-        with _env(**ctx.env):
+        with env_vars(**ctx.env):
             return (*torch.autograd.grad(loss, (q_, p_), g), None)
 
 
@@ -203,17 +187,20 @@ def _inf_cl():
 
 
 def contestants(backends, quick=False):
+    """name -> (fn, note, dense), in timing order: the issue's comparison (effir, memeff, inf-cl) first, so that
+    a run whose time box ends early still measures it."""
     out = {f"effir_{b}": (_effir(b), None, False) for b in backends}
-    if "triton" in backends:  # the other backward designs, side by side (blocked, square dS blocks is the default)
-        out["effir_triton_ds1x"] = (_effir_triton_env(EFFIR_TRITON_DS_BLOCK="1"), "EFFIR_TRITON_DS_BLOCK=1", False)
-        out["effir_triton_fused_bwd"] = (_effir_triton_env(EFFIR_TRITON_LOSS_BWD="fused"),
-                                         "EFFIR_TRITON_LOSS_BWD=fused", False)
     for name, maker, dense in (("memeff", _memeff, False), ("inf_cl", _inf_cl, False)):
         fn, note = maker()
         out[name] = (fn, note, dense)
+    if "triton" in backends:  # the other backward designs, side by side (blocked, square dS blocks is the default)
+        out["effir_triton_ds1x"] = (_effir_triton_env(EFFIR_TRITON_DS_BLOCK="1"), "EFFIR_TRITON_DS_BLOCK=1", False)
     out["torch_eager"] = (_eager, None, True)
     fn, note = _st_mnrl()
     out["st_mnrl"] = (fn, note, True)
+    if "triton" in backends:
+        out["effir_triton_fused_bwd"] = (_effir_triton_env(EFFIR_TRITON_LOSS_BWD="fused"),
+                                         "EFFIR_TRITON_LOSS_BWD=fused", False)
     if quick:  # its first call compiled for > 60 s on a fresh H100 machine (2026-11-27): the full run only
         out["torch_compile"] = (None, "skipped in --quick (compiles for over a minute on a fresh machine)", True)
     else:
