@@ -25,6 +25,10 @@ def provenance() -> dict:
         "torch": torch.__version__,
         "commit": _git("rev-parse", "HEAD"),
         "dirty": bool(_git("status", "--porcelain")),
+        # the content of the tracked + untracked-not-ignored files as a git tree: equal to `git rev-parse
+        # C^{tree}` of the commit C that holds exactly this code, even where HEAD is stale (the GPU machine gets
+        # the working tree copied over the session's first checkout, so there HEAD lags and dirty is True)
+        "tree": _worktree_tree(),
     }
     for mod in ("triton", "transformers", "numpy"):
         try:
@@ -36,6 +40,22 @@ def provenance() -> dict:
         info.update(gpu=props.name, gpu_sms=props.multi_processor_count, gpu_mem_gib=props.total_memory / 2**30,
                     cuda=torch.version.cuda, driver=_driver_version())
     return info
+
+
+def _worktree_tree() -> str | None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, GIT_INDEX_FILE=str(Path(tmp) / "index"))
+        try:
+            root = Path(__file__).resolve().parent.parent
+            for args in (["read-tree", "HEAD"], ["add", "-A"]):
+                subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, timeout=60, check=True)
+            out = subprocess.run(["git", "write-tree"], cwd=root, env=env, capture_output=True, text=True,
+                                 timeout=60, check=True)
+            return out.stdout.strip()
+        except Exception:
+            return None
 
 
 def _git(*args) -> str | None:

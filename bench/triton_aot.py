@@ -51,8 +51,9 @@ QUICK = {
     ("info_nce._fwd_kernel", "fp16 d=768 groups 128x64x64"),
     ("info_nce._fwd_kernel", "fp32 d=768 no-groups 64x64x32"),
     ("info_nce._bwd_dscores_kernel", "bf16 d=768 groups sym 256x64x64"),
-    ("info_nce._mm_acc_kernel", "bf16 d=768 stride_ak=1 stride_bn=1 256x64x64"),
-    ("info_nce._mm_acc_kernel", "bf16 d=768 stride_am=1 stride_bn=1 256x64x64"),
+    ("info_nce._mm_acc_kernel", "bf16 d=768 stride_ak=1 stride_bn=1 mid n-fastest 256x64x64"),
+    ("info_nce._mm_acc_kernel", "bf16 d=768 stride_ak=1 stride_bn=1 last n-fastest 256x64x64"),
+    ("info_nce._mm_acc_kernel", "bf16 d=768 stride_am=1 stride_bn=1 single n-fastest 256x64x64"),
     ("info_nce._bwd_dq_kernel", "bf16 d=768 groups sym 128x64x64"),
     ("info_nce._bwd_ddocs_kernel", "bf16 d=768 groups sym 128x64x64"),
     ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 gelu houlsby"),
@@ -217,6 +218,10 @@ def _loss_variant(ln: Launch, dtype: str, d: int) -> str:
     if "SYMMETRIC" in c:
         parts.append("sym" if c["SYMMETRIC"] else "asym")
     parts += [f"{n}=1" for n in ln.ones]
+    if "FIRST" in c:  # the GEMM step: first (writes the fp32 sum), mid (reads and writes it), last (writes out)
+        parts.append({(True, False): "first", (False, False): "mid", (False, True): "last",
+                      (True, True): "single"}[(bool(c["FIRST"]), bool(c["LAST"]))])
+        parts.append("n-fastest" if c.get("N_FASTEST") else "m-fastest")
     parts.append(f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}")
     return " ".join(parts)
 
@@ -227,7 +232,9 @@ def loss_launches(mod, launcher) -> list[Launch]:
     effir.ops.info_nce_triton; the kernels it imported are swapped for recorders while it runs."""
     kernels = {n: k for n, k in _kernels(mod).items() if hasattr(launcher, n)}
     out = []
-    B, N = 4096, 8192  # in-batch positives plus one hard negative each: large enough that every config is tuned
+    # in-batch positives plus three hard negatives each: every config is tuned, and dS comes in 1 x 4 blocks of
+    # 4096 x 4096, so each GEMM step (first / mid / last for dq, single for ddocs) is compiled
+    B, N = 4096, 16384
     for bwd in ("blocked", "fused"):
         for dt in (torch.bfloat16, torch.float16, torch.float32):
             for d in (768, 384):
@@ -255,7 +262,8 @@ def loss_launches(mod, launcher) -> list[Launch]:
 
 
 def adapter_launches(mod) -> list[Launch]:
-    """Every compilation of the adapter kernels: bf16/fp32 x (d, r) x activation x plain/Houlsby/Pfeiffer."""
+    """Every compilation of the adapter kernels: bf16/fp32 x (d, r) x activation x plain/Houlsby/Pfeiffer, for
+    both parameter-gradient paths (EFFIR_ADAPTER_PARAMS gemm / kernel), and fp64 once per layout."""
     kernels = _kernels(mod)
     acts = {v: k for k, v in mod.ACT_IDS.items()}
     out = []
@@ -277,16 +285,22 @@ def adapter_launches(mod) -> list[Launch]:
                         mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
                         mod.fused_adapter_bwd(dy, x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
 
-                    calls = _record(mod, kernels, call)
-                    for kname, kernel in kernels.items():
-                        for args, kwargs in calls[kname]:
-                            for ln in _expand("bottleneck_adapter", kname, kernel, args, kwargs):
-                                c = ln.constexprs
-                                act_s = f" {acts[c['ACT']]}" if "ACT" in c else ""
-                                lay = _LAYOUTS[(c["HAS_RES"], c["PRE_LN"], c["POST_LN"])] if "HAS_RES" in c else layout
-                                ln.variant = f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} {lay}"
-                                ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
-                                out.append(ln)
+                    for path in ("gemm", "kernel"):  # both ways of forming the parameter gradients
+                        with mock.patch.dict(os.environ, EFFIR_ADAPTER_PARAMS=path):
+                            calls = _record(mod, kernels, call)
+                        for kname, kernel in kernels.items():
+                            if path == "kernel" and kname == "_fwd_kernel":
+                                continue  # the same forward as the "gemm" path's
+                            for args, kwargs in calls[kname]:
+                                for ln in _expand("bottleneck_adapter", kname, kernel, args, kwargs):
+                                    c = ln.constexprs
+                                    act_s = f" {acts[c['ACT']]}" if "ACT" in c else ""
+                                    lay = (_LAYOUTS[(c["HAS_RES"], c["PRE_LN"], c["POST_LN"])] if "HAS_RES" in c
+                                           else layout)
+                                    legacy = " params-kernel" if c.get("COL_SUMS") is False else ""
+                                    ln.variant = f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} {lay}{legacy}"
+                                    ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
+                                    out.append(ln)
     return out
 
 

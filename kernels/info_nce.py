@@ -144,14 +144,16 @@ def _fwd_kernel(Q, D, T, QG, DG, LOSS, LSE, DLDT, B, N, K, pos_offset, stride_q,
         alpha = tl.exp2((m_i - m_new) * LOG2E)
         e = tl.exp2((x - m_new[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(e, 1)
-        w_i = w_i * alpha + tl.sum(e * s, 1)  # s, not x: masked x is -inf and 0 * -inf = nan
+        w_i = w_i * alpha + tl.sum(e * tl.where(keep, x, 0.0), 1)  # masked x is -inf and 0 * -inf = nan
         diag += tl.sum(tl.where(is_pos, x, 0.0), 1)
         m_i = m_new
     log_l = tl.log2(l_i) * LN2
     tl.store(LSE + rows, m_i + log_l, mask=row_ok)
     tl.store(LOSS + rows, (m_i - diag) + log_l, mask=row_ok)
-    # d loss / d t = (s_pos - sum_j P_j s_j) / t^2 = (x_pos - (sum_j P_j s_j) / t) / t
-    tl.store(DLDT + rows, (diag - (w_i / l_i) * inv_t) * inv_t, mask=row_ok)
+    # d loss / d t = (s_pos - sum_j P_j s_j) / t^2 = (x_pos - sum_j P_j x_j) / t: a difference of two values
+    # built from the same x, never of a product (ptxas contracts a*b - c into an FMA, whose unrounded product
+    # would leave a residue where torch gives exactly 0; the first H100 run showed it)
+    tl.store(DLDT + rows, (diag - w_i / l_i) * inv_t, mask=row_ok)
 
 
 @triton.jit
@@ -159,8 +161,10 @@ def _dscores(s, rows, cols, row_ok, col_ok, QG, DG, LSE, G, B, pos_offset, inv_t
              HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr):
     """dL/dS tile: (1/t)(g_r[i] P_ij + [j<B] g_c[j] Pc_ij - [j == i+o](g_r[i] + g_c[i])), masked -> 0."""
     is_pos, keep = _keep(rows, cols, row_ok, col_ok, QG, DG, pos_offset, HAS_GROUPS)
-    # natural units, as in the forward: x - lse is exact where the forward's sum was a single term (P = 1)
-    x = s * inv_t
+    # natural units, as in the forward: x - lse is exact where the forward's sum was a single term (P = 1). The
+    # select keeps x a rounded product: `s * inv_t - lse` would be contracted into one FMA (unrounded product)
+    # and leave a residue there; the forward's x goes through the same select.
+    x = tl.where(keep, s * inv_t, float("-inf"))
     lse_r = tl.load(LSE + rows, mask=row_ok, other=0.0)
     g_r = tl.load(G + rows, mask=row_ok, other=0.0)
     p = tl.where(keep, tl.exp2((x - lse_r[:, None]) * LOG2E) * g_r[:, None], 0.0)
@@ -259,13 +263,26 @@ def _bwd_dscores_kernel(Q, D, T, QG, DG, LSE, G, DS, B, N, K, row0, col0, n_rows
 @triton.autotune(configs=_configs("gemm"), key=["M", "N", "IEEE"], prune_configs_by=_PRUNE_MM,
                  restore_value=["C"])  # tuning runs the kernel several times: C must not accumulate them
 @triton.jit
-def _mm_acc_kernel(A, Bm, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+def _mm_acc_kernel(A, Bm, C, OUT, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+                   FIRST: tl.constexpr, LAST: tl.constexpr, N_FASTEST: tl.constexpr,
                    IEEE: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C (M, N) fp32, row-major, += A (M, K) @ Bm (K, N); A and Bm any strides (a transposed view is fine).
-    fp32 accumulation in registers over all of K; C is read and written once per tile."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """One accumulation step of OUT (M, N) = sum over dS blocks of A (M, K) @ Bm (K, N); A and Bm any strides (a
+    transposed view is fine), C (M, N) fp32 row-major the running sum, fp32 accumulation over all of K.
+    FIRST: C is not read (no zero fill); LAST: the total goes straight to OUT (the gradient's dtype; no cast
+    pass), else to C. Grid: 1-D over the (M / BLOCK_M) x (N / BLOCK_N) tiles. N_FASTEST orders them along N
+    first: consecutive programs share their A row panel (the big dS operand, 128 MiB at the target size, not
+    L2-resident) and all of Bm (d = 768 columns, a few MB) stays in L2, so A streams from HBM about once;
+    M-fastest order re-reads each A panel once per wave of N tiles."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    if N_FASTEST:
+        pid_m = pid // n_n
+        pid_n = pid % n_n
+    else:
+        pid_m = pid % n_m
+        pid_n = pid // n_m
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
@@ -281,6 +298,11 @@ def _mm_acc_kernel(A, Bm, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn
         acc = _dot(a, b, acc, IEEE, UPCAST)
         a_ptr += BLOCK_K * stride_ak
         b_ptr += BLOCK_K * stride_bk
-    ptr = C + rm[:, None] * stride_cm + rn[None, :]
+    offs = rm[:, None] * stride_cm + rn[None, :]
     io = m_ok[:, None] & n_ok[None, :]
-    tl.store(ptr, tl.load(ptr, mask=io, other=0.0) + acc, mask=io)
+    if not FIRST:
+        acc += tl.load(C + offs, mask=io, other=0.0)
+    if LAST:
+        tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=io)
+    else:
+        tl.store(C + offs, acc, mask=io)

@@ -129,15 +129,42 @@ def test_triton_backward_deterministic():
         assert torch.equal(a, b)
 
 
-def test_frozen_layernorm_params_get_no_grad():
+@pytest.mark.parametrize("backend", ["recompute", "triton"])
+@pytest.mark.parametrize("ln_before", [False, True])
+def test_frozen_layernorm_params_get_no_grad(backend, ln_before):
+    """A frozen LayerNorm (both backends skip its two reductions) gets no gradient; the others are unchanged."""
     p = make_inputs((4,), 32, 4, seed=6)
     h, t = p["x"].float().requires_grad_(), p["res"].float()
     ws = [p[n].float().requires_grad_() for n in ("w_down", "b_down", "w_up", "b_up")]
     lw, lb = p["ln_weight"].float(), p["ln_bias"].float()
-    y = effir.bottleneck_adapter_layernorm(h, t, *ws, lw, lb, backend="recompute", original_ln_before=True)
+    y = effir.bottleneck_adapter_layernorm(h, t, *ws, lw, lb, backend=backend, original_ln_before=ln_before)
     y.sum().backward()
     assert lw.grad is None and lb.grad is None and t.grad is None
     assert h.grad is not None and all(w.grad is not None for w in ws)
+    h2 = h.detach().double().requires_grad_()
+    ws2 = [w.detach().double().requires_grad_() for w in ws]
+    bottleneck_adapter_layernorm_reference(h2, t.double(), *ws2, lw.double(), lb.double(), activation="relu",
+                                           scaling=1.0, original_ln_before=ln_before).sum().backward()
+    for a, b in zip([h] + ws, [h2] + ws2):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["gemm", "kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_param_gradient_paths(path, dtype, variant, monkeypatch):
+    """Both ways of forming the parameter gradients (EFFIR_ADAPTER_PARAMS) against float64, at a size where the
+    row kernel has several row blocks (column sums reduced over blocks) and d spans several chunks."""
+    monkeypatch.setenv("EFFIR_ADAPTER_PARAMS", path)
+    check_all(variant, make_inputs((157,), 200, 24, seed=13), dtype, "triton", "gelu")
+
+
+def test_triton_param_gradient_path_env_is_checked(monkeypatch):
+    from kernels import bottleneck_adapter as k
+
+    monkeypatch.setenv("EFFIR_ADAPTER_PARAMS", "atomic")
+    with pytest.raises(ValueError, match="EFFIR_ADAPTER_PARAMS"):
+        k.params_path()
 
 
 def test_torch_compile_fullgraph():

@@ -78,7 +78,8 @@ def correctness(backends, quick, deadline):
     cases = [(torch.float64, v, a) for v in VARIANTS for a in ("relu", "gelu", "silu")]
     cases += [(torch.bfloat16, v, "relu") for v in VARIANTS]
     if quick:  # scaling 0.7 and eps 1e-5 reach the fp64 kernels exactly (the first H100 run caught fp32 copies)
-        cases = [(torch.float64, "ln_pre", "gelu"), (torch.float64, "plain", "relu"), (torch.bfloat16, "ln_pre", "relu")]
+        cases = [(torch.float64, "ln_pre", "gelu"), (torch.float64, "plain", "relu"),
+                 (torch.bfloat16, "ln_pre", "relu")]
     for dtype, variant, act in cases:
         if time.time() > deadline:
             rows.append({"skipped": "time budget", "dtype": str(dtype), "variant": variant, "act": act, "ok": False})
@@ -163,9 +164,12 @@ def timings(backends, quick, copy_bps, deadline):
         methods = {f"effir_{be}": _fn(variant, be, act, scaling) for be in backends}
         envs = {}
         if "triton" in backends and variant != "plain" and m * d >= 65536 * 768:
-            # the parameter-gradient kernel's rows per step, side by side (16 is the default: no spills)
-            methods["effir_triton_pbm32"] = methods["effir_triton"]
-            envs["effir_triton_pbm32"] = {"EFFIR_ADAPTER_PARAMS_BLOCK_M": "32"}
+            # the other parameter-gradient path side by side: the partials kernel with 16 / 32 rows per step
+            for name, env in (("effir_triton_pkernel", {"EFFIR_ADAPTER_PARAMS": "kernel"}),
+                              ("effir_triton_pkernel32", {"EFFIR_ADAPTER_PARAMS": "kernel",
+                                                          "EFFIR_ADAPTER_PARAMS_BLOCK_M": "32"})):
+                methods[name] = methods["effir_triton"]
+                envs[name] = env
         methods["torch_eager"] = _fn(variant, None, act, scaling)
         if not quick or m * d >= (65536 * 768):  # quick: the target shape only (a compile is ~15 s)
             key = variant

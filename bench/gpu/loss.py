@@ -5,7 +5,8 @@
    odd B / M / d; error rule of tests/_errors.py (no worse than torch's own same-dtype error x 4).
 2. Forward+backward timings at B = N in {4096, 16384, 32768, 65536}, d in {384, 768}, bf16, unit-norm
    embeddings, temperature 0.05, one direction (query -> passage, in-batch negatives): effir triton (and cuda;
-   also the Triton backward with dS blocks of (B + N) d entries instead of 2 (B + N) d, and the fused design),
+   also the Triton backward with dS blocks of (B + N) d entries instead of 2 (B + N) d, with the GEMM tiles in
+   M-fastest order, and the fused design),
    the torch eager reference, torch.compile of it, sentence-transformers' MultipleNegativesRankingLoss
    (`compute_loss_from_embeddings`, scale 20), memeff `MemoryEfficientQwen3Loss` (margin 2 = no false-negative
    mask, normalized_inputs, stable=False) and inf-cl `cal_flash_loss` (head_dim 128, fp32 inside by design).
@@ -195,6 +196,8 @@ def contestants(backends, quick=False):
         out[name] = (fn, note, dense)
     if "triton" in backends:  # the other backward designs, side by side (blocked, square dS blocks is the default)
         out["effir_triton_ds1x"] = (_effir_triton_env(EFFIR_TRITON_DS_BLOCK="1"), "EFFIR_TRITON_DS_BLOCK=1", False)
+        out["effir_triton_mcol"] = (_effir_triton_env(EFFIR_TRITON_GEMM_ORDER="column"),
+                                    "EFFIR_TRITON_GEMM_ORDER=column", False)
     out["torch_eager"] = (_eager, None, True)
     fn, note = _st_mnrl()
     out["st_mnrl"] = (fn, note, True)
@@ -297,7 +300,7 @@ def _summary(rows):
     s = {"triton_ms": tri["fwd_bwd_ms"], "triton_frac_of_matmul": tri.get("frac_of_matmul"),
          "triton_peak_bytes": tri["peak_bytes"],
          "inputs_bytes": 2 * 32768 * 768 * 2}
-    for alt in ("effir_triton_fused_bwd", "effir_triton_ds1x"):
+    for alt in ("effir_triton_fused_bwd", "effir_triton_ds1x", "effir_triton_mcol"):
         if alt in at:
             s[f"{alt[6:]}_ms"] = at[alt]["fwd_bwd_ms"]
     for peer in ("memeff", "inf_cl", "torch_eager", "torch_compile", "st_mnrl"):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 # original_ln_before=True may be called with res=None and x = h + input_tensor (the op then saves only z)
 SUPPORTS_SUMMED_INPUT = True
+# adapter_ln_bwd accepts ln_param_grads=False (frozen LayerNorm: its two gradients come back as zeros)
+SUPPORTS_LN_GRAD_MASK = True
 
 import torch
 
@@ -36,6 +38,6 @@ def adapter_ln_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activ
 
 
 def adapter_ln_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str, scaling: float,
-                   eps: float, original_ln_before: bool):
+                   eps: float, original_ln_before: bool, ln_param_grads: bool = True):
     return _k().fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation,
-                                  scaling, eps, original_ln_before, True)
+                                  scaling, eps, original_ln_before, True, ln_param_grads)

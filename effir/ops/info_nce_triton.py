@@ -89,31 +89,54 @@ def block_shape(B: int, N: int, d: int, factor: int | None = None) -> tuple[int,
     return rows, cols
 
 
-def _backward_blocked(q, docs, t, lse, g, qg_, dg_, has, sym, pos_offset, dq, dd):
-    """dq (B, d), dd (N, d) fp32, zero on entry: per dS block, one dS kernel and two accumulating GEMMs."""
+def gemm_order() -> str:
+    """EFFIR_TRITON_GEMM_ORDER: "row" (default: tiles along N first, each dS row panel read from HBM about
+    once) or "column" (along M first, the order before 2026-11-27; kept to time both side by side)."""
+    v = os.environ.get("EFFIR_TRITON_GEMM_ORDER", "row")
+    if v not in ("row", "column"):
+        raise ValueError(f"EFFIR_TRITON_GEMM_ORDER must be 'row' or 'column', got {v!r}")
+    return v
+
+
+def _backward_blocked(q, docs, t, lse, g, qg_, dg_, has, sym, pos_offset):
+    """(dq (B, d), ddocs (N, d)) in the input dtype: per dS block one dS kernel and two GEMM steps that
+    accumulate in fp32 buffers (the first step writes, the last one writes the gradient itself)."""
     B, K = q.shape
     N = docs.shape[0]
     ieee, up = q.dtype == torch.float32, _upcast(q)
     rows, cols = block_shape(B, N, K)
+    n_rb, n_cb = triton.cdiv(B, rows), triton.cdiv(N, cols)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    # fp32 running sums only where some output block takes more than one step; fp32 inputs sum in place
+    dq = torch.empty(B, K, dtype=q.dtype, device=q.device)
+    dd = torch.empty(N, K, dtype=docs.dtype, device=q.device)
+    acc_q = dq if ieee or n_cb == 1 else torch.empty(B, K, **f32)
+    acc_d = dd if ieee or n_rb == 1 else torch.empty(N, K, **f32)
+    n_fastest = gemm_order() == "row"
     ds = torch.empty(rows, cols, dtype=q.dtype, device=q.device)
-    for r0 in range(0, B, rows):
+    for ri, r0 in enumerate(range(0, B, rows)):
         nr = min(rows, B - r0)
-        for c0 in range(0, N, cols):
+        for ci, c0 in enumerate(range(0, N, cols)):
             nc = min(cols, N - c0)
             _bwd_dscores_kernel[lambda m: (triton.cdiv(nr, m["BLOCK_M"]), triton.cdiv(nc, m["BLOCK_N"]))](
                 q, docs, t, qg_, dg_, lse, g, ds, B, N, K, r0, c0, nr, nc, pos_offset, q.stride(0),
                 docs.stride(0), ds.stride(0), HAS_GROUPS=has, SYMMETRIC=sym, IEEE=ieee, UPCAST=up)
             blk = ds[:nr, :nc]
-            _mm_acc(blk, docs[c0:c0 + nc], dq[r0:r0 + nr], ieee, up)        # dq[rows] += dS . docs[cols]
-            _mm_acc(blk.t(), q[r0:r0 + nr], dd[c0:c0 + nc], ieee, up)       # dd[cols] += dSᵀ . q[rows]
+            rs, cs = slice(r0, r0 + nr), slice(c0, c0 + nc)
+            # dq[rows] += dS . docs[cols] ;  dd[cols] += dSᵀ . q[rows]
+            _mm_acc(blk, docs[cs], acc_q[rs], dq[rs], ci == 0, ci == n_cb - 1, n_fastest, ieee, up)
+            _mm_acc(blk.t(), q[rs], acc_d[cs], dd[cs], ri == 0, ri == n_rb - 1, n_fastest, ieee, up)
+    return dq, dd
 
 
-def _mm_acc(a, b, c, ieee: bool, up: bool):
-    """c (M, N) fp32 row-major += a (M, K) @ b (K, N)."""
+def _mm_acc(a, b, c, out, first: bool, last: bool, n_fastest: bool, ieee: bool, up: bool):
+    """One step of out (M, N) = sum of a (M, K) @ b (K, N), running sum in c (fp32, row-major, same strides as
+    out): first -> c = a @ b (c not read); last -> out = c + a @ b; else c += a @ b."""
     M, Kr = a.shape
     N = b.shape[1]
-    _mm_acc_kernel[lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(N, m["BLOCK_N"]))](
-        a, b, c, M, N, Kr, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), IEEE=ieee, UPCAST=up)
+    _mm_acc_kernel[lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)](
+        a, b, c, out, M, N, Kr, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+        FIRST=first, LAST=last, N_FASTEST=n_fastest, IEEE=ieee, UPCAST=up)
 
 
 def backward_variant() -> str:
@@ -134,11 +157,10 @@ def backward(q, docs, temperature, lse, grad_loss, query_groups, doc_groups, pos
     sym = lse.shape[0] == 2
     qg_, dg_, has = _groups(query_groups, doc_groups, q)
     ieee = q.dtype == torch.float32
+    if backward_variant() == "blocked":
+        return _backward_blocked(q, docs, t, lse, g, qg_, dg_, has, sym, pos_offset)
     dq = torch.zeros(B, K, dtype=torch.float32, device=q.device)
     dd = torch.zeros(N, K, dtype=torch.float32, device=q.device)
-    if backward_variant() == "blocked":
-        _backward_blocked(q, docs, t, lse, g, qg_, dg_, has, sym, pos_offset, dq, dd)
-        return dq.to(q.dtype), dd.to(docs.dtype)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
         q, docs, t, qg_, dg_, lse, g, dq, B, N, K, pos_offset, q.stride(0), docs.stride(0),
         HAS_GROUPS=has, SYMMETRIC=sym, IEEE=ieee, UPCAST=_upcast(q))
