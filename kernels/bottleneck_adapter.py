@@ -14,7 +14,10 @@ chunks whatever d is. LayerNorm statistics take one pass (per-chunk mean and cen
 by Chan's rule: as stable as two passes), in fp32 (fp64).
 Backward, no atomics, deterministic:
   1. `_bwd_rows_kernel` (one program per BLOCK_M rows) recomputes the forward the same way, writes dx (and
-     dres), the r-wide act(a) and d(a) rows and six per-row LayerNorm scalars (tiny side buffers); on the
+     dres), the r-wide act(a) and d(a) rows and six per-row LayerNorm scalars (tiny side buffers). Passes over
+     the row block (Pfeiffer): LN-1 statistics, a, LN-2 statistics with the LN-2 backward's row means
+     (`_post_stats_bwd`), dh = dp Wu, then dx; the LN-1 backward's row means come from a and da without a pass
+     (9 passes before 2026-11-27, the version the first H100 run timed). On the
      default path (EFFIR_ADAPTER_PARAMS=gemm) also dp = s*dv and u = LN(z) where they differ from dy and x, and
      per-row-block column sums of the bias and LayerNorm gradients.
   2. gemm (default): dW_up = dpᵀ h and dW_down = daᵀ u as two GEMMs (cuBLAS), the block sums reduced in a
@@ -168,6 +171,38 @@ def _post_stats(X, RES, WU, BU, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M:
 
 
 @triton.jit
+def _post_stats_bwd(X, RES, DY, WU, BU, LNW, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M: tl.constexpr,
+                    BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr):
+    """(mean2, rstd2, c1, c2) in ONE pass over the row: the statistics of v (as `_post_stats`) and the two row
+    means the LayerNorm backward needs, c1 = mean(g), c2 = mean(g * vhat) with g = dy * ln_weight. c2 needs the
+    final mean of v; the centred co-moment S = sum g (v - mean) is merged chunk by chunk with the rule that
+    merges the variance (moving a chunk's sum to the new mean adds G (old mean - new mean)), so no sum of g v is
+    ever taken and nothing cancels."""
+    mean = tl.zeros((BLOCK_M,), dtype=CDT)
+    m2 = tl.zeros((BLOCK_M,), dtype=CDT)
+    cm = tl.zeros((BLOCK_M,), dtype=CDT)  # S: sum g (v - mean) over the columns so far
+    gs = tl.zeros((BLOCK_M,), dtype=CDT)  # G: sum g over the columns so far
+    for k0 in range(0, D, BLOCK_K):
+        z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        v = _v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT, IEEE)
+        w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
+        g = tl.load(DY + offs, mask=mask, other=0.0).to(CDT) * w[None, :]
+        n_a = k0 * 1.0
+        n_b = tl.minimum(D - k0, BLOCK_K) * 1.0
+        n = n_a + n_b
+        mean_b = tl.sum(v, axis=1) / n_b
+        dv = tl.where(mask, v - mean_b[:, None], 0.0)
+        g_b = tl.sum(g, axis=1)
+        delta = mean_b - mean
+        cm = cm + tl.sum(g * dv, axis=1) - gs * delta * (n_b / n) + g_b * delta * (n_a / n)
+        m2 = m2 + tl.sum(dv * dv, axis=1) + delta * delta * (n_a * n_b / n)
+        mean = mean + delta * (n_b / n)
+        gs = gs + g_b
+    rstd = 1.0 / tl.sqrt(m2 / D + eps)
+    return mean, rstd, gs / D, cm * rstd / D
+
+
+@triton.jit
 def _scalars(SC, scaling, eps, CDT: tl.constexpr):
     """(scaling, eps) in CDT. Triton passes Python floats as fp32, which would round 0.7 or 1e-5 to ~1e-8
     relative error: the fp64 path reads them from a 2-element fp64 tensor instead (SC, see `_scalar_args`)."""
@@ -238,19 +273,8 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
     c1 = mean2
     c2 = mean2
     if POST_LN:
-        mean2, rstd2 = _post_stats(X, RES, WU, BU, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M, BLOCK_K,
-                                   HAS_RES, CDT, IEEE)
-        s1 = tl.zeros((BLOCK_M,), dtype=CDT)
-        s2 = tl.zeros((BLOCK_M,), dtype=CDT)
-        for k0 in range(0, D, BLOCK_K):
-            z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
-            _dv, vhat, g = _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
-                                     POST_LN, CDT, IEEE)
-            s1 += tl.sum(g, axis=1)
-            s2 += tl.sum(g * vhat, axis=1)
-        c1 = s1 / D
-        c2 = s2 / D
+        mean2, rstd2, c1, c2 = _post_stats_bwd(X, RES, DY, WU, BU, LNW, h, rows, rmask, rr, D, R, scaling, eps,
+                                               BLOCK_M, BLOCK_K, HAS_RES, CDT, IEEE)
     # dh = dp @ Wu over d-chunks; dp = scaling * dv
     dh = tl.zeros((BLOCK_M, BLOCK_R), dtype=CDT)
     for k0 in range(0, D, BLOCK_K):
@@ -263,20 +287,21 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
     da = dh * _act_grad(a, ACT)
     e1 = tl.zeros((BLOCK_M,), dtype=CDT)
     e2 = e1
-    if PRE_LN:  # LayerNorm-1 backward needs row sums of g1 = du * w and g1 * uhat
-        s1 = tl.zeros((BLOCK_M,), dtype=CDT)
-        s2 = tl.zeros((BLOCK_M,), dtype=CDT)
+    if PRE_LN:
+        # LayerNorm-1 backward needs the row means of g1 = du * w and g1 * uhat, du = da @ Wd. No pass over the
+        # row: sum_d du w = da . (Wd w) and sum_d du w uhat = da . ((uhat * w) @ Wdᵀ) = da . (a - bd - Wd b),
+        # the pre-activation a already holding (uhat * w + b) @ Wdᵀ + bd
+        cw = tl.zeros((BLOCK_R,), dtype=CDT)
+        cb = tl.zeros((BLOCK_R,), dtype=CDT)
         for k0 in range(0, D, BLOCK_K):
-            z, x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
-            _u, uhat = _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN, CDT)
-            wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :], other=0.0)
-            du = _mm(da.to(wd.dtype), wd, IEEE).to(CDT)
-            w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
-            g1 = du * w[None, :]
-            s1 += tl.sum(g1, axis=1)
-            s2 += tl.sum(g1 * uhat, axis=1)
-        e1 = s1 / D
-        e2 = s2 / D
+            cols = k0 + tl.arange(0, BLOCK_K)
+            wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :],
+                         other=0.0).to(CDT)
+            cw += tl.sum(wd * tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)[None, :], axis=1)
+            cb += tl.sum(wd * tl.load(LNB + cols, mask=cols < D, other=0.0).to(CDT)[None, :], axis=1)
+        bd = tl.load(BD + rr, mask=qmask, other=0.0).to(CDT)
+        e1 = tl.sum(da * cw[None, :], axis=1) / D
+        e2 = tl.sum(da * (a - bd[None, :] - cb[None, :]), axis=1) / D
     for k0 in range(0, D, BLOCK_K):
         z, x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
