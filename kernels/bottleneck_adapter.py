@@ -472,7 +472,21 @@ def _blocks(d: int, r: int, dtype: torch.dtype):
     block_r = max(16, triton.next_power_of_2(r))
     block_k = max(16, min(32 if dtype == torch.float64 else 64, triton.next_power_of_2(d)))
     block_m = max(16, min(64, budget // block_r))
+    if dtype in (torch.float16, torch.bfloat16):
+        block_m = _rows_block_m(block_m)
     return block_m, block_k, block_r
+
+
+def _rows_block_m(default: int) -> int:
+    """EFFIR_ADAPTER_ROWS_BLOCK_M (16-bit inputs): rows per program of the forward and row-gradient kernels,
+    32 / 64 / 128 instead of `default` (more rows: the weight chunks are re-read by fewer programs, but the
+    (BLOCK_M, BLOCK_K) fp32 tiles take more registers). Timed side by side by bench/gpu/adapter.py."""
+    v = os.environ.get("EFFIR_ADAPTER_ROWS_BLOCK_M")
+    if v is None:
+        return default
+    if v not in ("32", "64", "128"):
+        raise ValueError(f"EFFIR_ADAPTER_ROWS_BLOCK_M must be 32, 64 or 128, got {v!r}")
+    return int(v)
 
 
 def _stages(x: torch.Tensor) -> int:

@@ -165,6 +165,16 @@ def test_triton_param_gradient_path_env_is_checked(monkeypatch):
     monkeypatch.setenv("EFFIR_ADAPTER_PARAMS", "atomic")
     with pytest.raises(ValueError, match="EFFIR_ADAPTER_PARAMS"):
         k.params_path()
+    monkeypatch.setenv("EFFIR_ADAPTER_ROWS_BLOCK_M", "48")
+    with pytest.raises(ValueError, match="EFFIR_ADAPTER_ROWS_BLOCK_M"):
+        k._blocks(768, 48, torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows", ["32", "128"])
+def test_triton_rows_per_program(rows, monkeypatch):
+    """The forward / row-gradient kernels with other row-block heights (EFFIR_ADAPTER_ROWS_BLOCK_M, 16-bit)."""
+    monkeypatch.setenv("EFFIR_ADAPTER_ROWS_BLOCK_M", rows)
+    check_all("ln_pre", make_inputs((157,), 200, 24, seed=17), torch.bfloat16, "triton", "silu")
 
 
 def test_torch_compile_fullgraph():

@@ -164,8 +164,11 @@ def timings(backends, quick, copy_bps, deadline):
         methods = {f"effir_{be}": _fn(variant, be, act, scaling) for be in backends}
         envs = {}
         if "triton" in backends and variant != "plain" and m * d >= 65536 * 768:
-            # the other parameter-gradient path side by side: the partials kernel with 16 / 32 rows per step
-            for name, env in (("effir_triton_pkernel", {"EFFIR_ADAPTER_PARAMS": "kernel"}),
+            # design knobs side by side: rows per program of the forward / row kernels (default 64), and the
+            # other parameter-gradient path (the partials kernel, 16 / 32 rows per step)
+            for name, env in (("effir_triton_rows32", {"EFFIR_ADAPTER_ROWS_BLOCK_M": "32"}),
+                              ("effir_triton_rows128", {"EFFIR_ADAPTER_ROWS_BLOCK_M": "128"}),
+                              ("effir_triton_pkernel", {"EFFIR_ADAPTER_PARAMS": "kernel"}),
                               ("effir_triton_pkernel32", {"EFFIR_ADAPTER_PARAMS": "kernel",
                                                           "EFFIR_ADAPTER_PARAMS_BLOCK_M": "32"})):
                 methods[name] = methods["effir_triton"]
