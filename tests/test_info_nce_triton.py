@@ -75,7 +75,8 @@ def test_triton_pos_offset_matches_chunked(groups):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["fused", "blocked-small", "blocked-small-column", "blocked"])
+@pytest.mark.parametrize("variant", ["fused", "blocked-small", "blocked-small-column", "blocked-small-cublas",
+                                     "blocked"])
 def test_triton_backward_variants(variant, dtype, monkeypatch):
     """Both backward designs; "blocked-small" cuts dS into 16 x 32 blocks (3 x 2 blocks with remainders on both
     sides), so the block offsets of the dS kernel and every GEMM step (first, middle, last) are exercised at
@@ -84,6 +85,7 @@ def test_triton_backward_variants(variant, dtype, monkeypatch):
 
     monkeypatch.setenv("EFFIR_TRITON_LOSS_BWD", variant.split("-")[0])
     monkeypatch.setenv("EFFIR_TRITON_GEMM_ORDER", "column" if variant.endswith("column") else "row")
+    monkeypatch.setenv("EFFIR_TRITON_LOSS_GEMM", "cublas" if variant.endswith("cublas") else "triton")
     if variant.startswith("blocked-small"):
         monkeypatch.setattr(info_nce_triton, "block_shape", lambda B, N, d: (16, 32))
     check_backend("triton", 33, 9, 24, dtype, symmetric=True, groups=True, reduction="none", learnable_t=True,
@@ -99,6 +101,9 @@ def test_triton_backward_variant_env_is_checked(monkeypatch):
     monkeypatch.setenv("EFFIR_TRITON_GEMM_ORDER", "diagonal")
     with pytest.raises(ValueError, match="EFFIR_TRITON_GEMM_ORDER"):
         info_nce_triton.gemm_order()
+    monkeypatch.setenv("EFFIR_TRITON_LOSS_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="EFFIR_TRITON_LOSS_GEMM"):
+        info_nce_triton.gemm_engine()
 
 
 @pytest.mark.parametrize("B,N,d", [(32768, 32768, 768), (65536, 65536, 384), (4096, 4096, 768), (7, 9, 5),

@@ -6,7 +6,7 @@
 2. Forward+backward timings at B = N in {4096, 16384, 32768, 65536}, d in {384, 768}, bf16, unit-norm
    embeddings, temperature 0.05, one direction (query -> passage, in-batch negatives): effir triton (and cuda;
    also the Triton backward with dS blocks of (B + N) d entries instead of 2 (B + N) d, with the GEMM tiles in
-   M-fastest order, and the fused design),
+   M-fastest order, with cuBLAS GEMM steps, and the fused design),
    the torch eager reference, torch.compile of it, sentence-transformers' MultipleNegativesRankingLoss
    (`compute_loss_from_embeddings`, scale 20), memeff `MemoryEfficientQwen3Loss` (margin 2 = no false-negative
    mask, normalized_inputs, stable=False) and inf-cl `cal_flash_loss` (head_dim 128, fp32 inside by design).
@@ -30,6 +30,7 @@ from tests._errors import _ULPS, FACTOR, rel_err
 
 from effir.backends import available_backends
 from effir.losses import info_nce
+from effir.ops.info_nce_triton import block_shape
 from effir.reference.info_nce import info_nce_reference
 
 # the target size first, so that the issue's comparison is measured even when the time box runs out
@@ -54,10 +55,12 @@ def _loss_grads(fn, q, p, neg, t):
 
 # (B, M, d, dtype, symmetric+groups): few constexpr variants, because a fresh machine compiles each one
 # B = 1, M = 0: one candidate, so torch's loss and gradients are exactly 0 (the first H100 run caught residues)
+# B = 9000, d = 64: 2 x 36 dS blocks, so the blocked backward's multi-block GEMM steps are checked on the GPU
 CASES = [(1001, 257, 768, torch.float32, False), (1001, 257, 768, torch.bfloat16, True),
          (333, 77, 129, torch.bfloat16, False), (333, 77, 129, torch.float32, True),
-         (1, 0, 7, torch.float32, False), (1, 0, 7, torch.float16, True)]
-QUICK_CASES = [(333, 77, 129, torch.bfloat16, True), (1, 0, 7, torch.float32, False), (1, 0, 7, torch.float16, True)]
+         (1, 0, 7, torch.float32, False), (1, 0, 7, torch.float16, True), (9000, 0, 64, torch.bfloat16, False)]
+QUICK_CASES = [(333, 77, 129, torch.bfloat16, True), (1, 0, 7, torch.float32, False), (1, 0, 7, torch.float16, True),
+               (9000, 0, 64, torch.bfloat16, False)]
 
 
 def correctness(backends, quick, deadline):
@@ -82,17 +85,21 @@ def correctness(backends, quick, deadline):
         want = _loss_grads(ref, q.double(), p.double(), neg.double(), TEMPERATURE)
         same = _loss_grads(ref, q, p, neg, TEMPERATURE)
         floor = _ULPS * torch.finfo(dtype).eps
-        variants = [(be, "blocked") for be in backends]
+        variants = [(be, be, {}) for be in backends]  # (label, backend, env knobs)
         if "triton" in backends and (B, M, d, dtype, sym) == CASES[1]:
-            variants.append(("triton", "fused"))
-        for be, variant in variants:
+            variants.append(("triton-fused-bwd", "triton", {"EFFIR_TRITON_LOSS_BWD": "fused"}))
+        rows_, cols_ = block_shape(B, B + M, d)
+        if "triton" in backends and (B > rows_ or B + M > cols_):  # several dS blocks: every GEMM step,
+            variants += [("triton-mcol", "triton", {"EFFIR_TRITON_GEMM_ORDER": "column"}),
+                         ("triton-cublas", "triton", {"EFFIR_TRITON_LOSS_GEMM": "cublas"})]
+        for label, be, env in variants:
             try:
-                with triton_backward(variant):
+                with env_vars(**env):
                     got = _loss_grads(lambda q, p, n, t: info_nce(q, p, n, temperature=t, backend=be, **kw),
                                       q, p, neg, TEMPERATURE)
                 errs = [rel_err(a, b) for a, b in zip(got, want)]
                 bounds = [FACTOR * max(rel_err(s, b), floor) for s, b in zip(same, want)]
-                rows.append({"backend": be if variant == "blocked" or be != "triton" else "triton-fused-bwd",
+                rows.append({"backend": label,
                              "B": B, "M": M, "d": d, "dtype": str(dtype), "symmetric": sym,
                              "groups": sym, "names": ["loss", "dq", "dp", "dneg", "dt"], "errs": errs,
                              "bounds": bounds, "ok": all(e <= b for e, b in zip(errs, bounds))})
@@ -105,11 +112,6 @@ def correctness(backends, quick, deadline):
 # ------------------------------------------------------------------ the contestants (q, p) -> scalar loss
 def _effir(backend):
     return lambda q, p: info_nce(q, p, temperature=TEMPERATURE, backend=backend)
-
-
-def triton_backward(variant: str):
-    """Run the Triton backend with backward design `variant` ("blocked" | "fused", kernels/info_nce.py)."""
-    return env_vars(EFFIR_TRITON_LOSS_BWD=variant)
 
 
 class _EnvBwd(torch.autograd.Function):
@@ -198,6 +200,8 @@ def contestants(backends, quick=False):
         out["effir_triton_ds1x"] = (_effir_triton_env(EFFIR_TRITON_DS_BLOCK="1"), "EFFIR_TRITON_DS_BLOCK=1", False)
         out["effir_triton_mcol"] = (_effir_triton_env(EFFIR_TRITON_GEMM_ORDER="column"),
                                     "EFFIR_TRITON_GEMM_ORDER=column", False)
+        out["effir_triton_cublas"] = (_effir_triton_env(EFFIR_TRITON_LOSS_GEMM="cublas"),
+                                      "EFFIR_TRITON_LOSS_GEMM=cublas", False)
     out["torch_eager"] = (_eager, None, True)
     fn, note = _st_mnrl()
     out["st_mnrl"] = (fn, note, True)
@@ -300,7 +304,7 @@ def _summary(rows):
     s = {"triton_ms": tri["fwd_bwd_ms"], "triton_frac_of_matmul": tri.get("frac_of_matmul"),
          "triton_peak_bytes": tri["peak_bytes"],
          "inputs_bytes": 2 * 32768 * 768 * 2}
-    for alt in ("effir_triton_fused_bwd", "effir_triton_ds1x", "effir_triton_mcol"):
+    for alt in ("effir_triton_fused_bwd", "effir_triton_ds1x", "effir_triton_mcol", "effir_triton_cublas"):
         if alt in at:
             s[f"{alt[6:]}_ms"] = at[alt]["fwd_bwd_ms"]
     for peer in ("memeff", "inf_cl", "torch_eager", "torch_compile", "st_mnrl"):
