@@ -509,7 +509,10 @@ def _flags(x: torch.Tensor):
 
 def _scalar_args(x: torch.Tensor, scaling: float, eps: float):
     """(SC, scaling, eps) kernel arguments: SC holds both in fp64 for fp64 inputs (read there), else x (unread)."""
-    sc = torch.tensor([scaling, eps], dtype=torch.float64, device=x.device) if x.dtype == torch.float64 else x
+    if x.dtype != torch.float64:
+        return x, float(scaling), float(eps)
+    sc = torch.empty(2, dtype=torch.float64, device=x.device)  # filled by kernels: no host-to-device copy, which
+    sc[0], sc[1] = float(scaling), float(eps)                   # would synchronise the stream (and break capture)
     return sc, float(scaling), float(eps)
 
 

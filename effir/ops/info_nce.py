@@ -108,7 +108,9 @@ def _as_temperature(temperature, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
     if not (0.0 < float(temperature) < float("inf")):
         raise ValueError(f"temperature must be positive and finite, got {temperature}")
-    return torch.tensor(float(temperature), dtype=dt, device=like.device)
+    # a fill kernel, not torch.tensor: a host-to-device copy from pageable memory synchronises the stream,
+    # which would leave the GPU idle while the host queues the loss kernels
+    return torch.full((), float(temperature), dtype=dt, device=like.device)
 
 
 def _check_groups(name: str, g, length: int, device) -> torch.Tensor:

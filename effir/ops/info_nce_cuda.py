@@ -31,5 +31,5 @@ def backward(q: torch.Tensor, docs: torch.Tensor, temperature: torch.Tensor, lse
 def _temp(temperature, q: torch.Tensor) -> torch.Tensor:
     # The kernels read the temperature on the device (no host sync); a Python float becomes a tensor.
     if not isinstance(temperature, torch.Tensor):
-        return torch.tensor(float(temperature), dtype=torch.float32, device=q.device)
+        return torch.full((), float(temperature), dtype=torch.float32, device=q.device)  # no H2D copy
     return temperature.to(device=q.device, dtype=torch.float32)
