@@ -6,7 +6,8 @@
    the fused LayerNorm variants ("ln_pre" = seq_bn / Pfeiffer, "ln" = double_seq_bn / Houlsby) and the plain op:
    effir triton / cuda, the torch eager reference, torch.compile of the reference, and AdapterHub's own
    `Adapter` module with the layer's LayerNorm (import-guarded: recorded missing when `adapters` does not import).
-   Achieved bandwidth = minimal bytes / time, against a device-to-device copy measured in the same run.
+   Achieved bandwidth = minimal bytes / time, against a device-to-device copy measured in the same run; saved
+   bytes = what autograd keeps for backward (saved-tensor hooks).
 Minimal bytes (b = bytes per element, M tokens):
    plain:  fwd x read + y write, bwd x, dy read + dx write                      = 5 M d b
    ln:     fwd h, t read + y write, bwd h, t, dy read + dh, dt write            = 8 M d b
@@ -115,6 +116,21 @@ def _bench_ms(fn, quick):
     return sorted(times)[1]
 
 
+def _saved_bytes(f, leaves, env) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward (parameters included), by saved-tensor
+    hooks: the issue's activation-memory measure (the fused ops save their inputs and parameters only)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with env_vars(**env), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f(*[leaves[k] for k in _ARGS])
+    return total
+
+
 def copy_bandwidth(nbytes=1 << 30):
     src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE).random_()
     dst = torch.empty_like(src)
@@ -200,6 +216,7 @@ def timings(backends, quick, copy_bps, deadline):
 
             row = {"variant": variant, "method": name, "M": m, "d": d, "r": r, "dtype": "bf16"}
             try:
+                row["saved_bytes"] = _saved_bytes(f, leaves, envs.get(name, {}))
                 wall = _bench_ms(step, quick)
                 nbytes = MIN_BYTES[variant] * m * d * 2
                 row.update(wall_ms=wall, min_bytes=nbytes)
@@ -263,7 +280,7 @@ def run(out=None, quick: bool = False, budget_s: float | None = None) -> dict:
         if "ms" in t:
             lines.append(f"{t['variant']:7s} M={t['M']:6d} d={t['d']:5d} {t['method']:14s} {t['ms']:8.3f} ms "
                          f"({t['timing']}; wall {t['wall_ms']:.3f}) {t['bytes_per_s'] / 1e9:7.0f} GB/s  "
-                         f"{100 * (t['frac_copy'] or 0):5.1f}% of copy")
+                         f"{100 * (t['frac_copy'] or 0):5.1f}% of copy, saves {t['saved_bytes'] / 2**20:.0f} MiB")
     res["table"] = lines
     if isinstance(out, dict):
         out["adapter"] = res
