@@ -19,6 +19,7 @@ Writes out/loss.json (one file) and returns the same dict.
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -324,6 +325,38 @@ def best_configs() -> dict:
     return out
 
 
+def time_target() -> dict:
+    """effir triton forward+backward at B = N = 32768, d = 768, bf16 in this process: ms, peak bytes and the
+    autotuner's picks (run in a child process by `full_autotune_run`)."""
+    B, d = 32768, 768
+    g = torch.Generator(device=DEVICE).manual_seed(B + d)
+    x = torch.nn.functional.normalize(torch.randn(2 * B, d, generator=g, device=DEVICE), dim=1).bfloat16()
+    ms, peak = _time_one(_effir("triton"), x[:B].contiguous(), x[B:].contiguous(), quick=True)
+    return {"fwd_bwd_ms": ms, "peak_bytes": peak, "best_configs": best_configs()}
+
+
+def full_autotune_run(budget_s: float) -> dict:
+    """The target-size timing again in a child process with EFFIR_TRITON_AUTOTUNE=full (all 4 tile shapes per
+    kernel group instead of the default first 2; the choice is made when the kernels are decorated, hence a
+    new process): whether a shape outside the default pair is faster on this card."""
+    import subprocess
+    import sys
+
+    code = "import json, bench.gpu.loss as L; print('RESULT' + json.dumps(L.time_target()))"
+    env = dict(os.environ, EFFIR_TRITON_AUTOTUNE="full")
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=budget_s, env=env,
+                           cwd=Path(__file__).resolve().parents[2])
+    except subprocess.TimeoutExpired:
+        return {"error": f"not done after {budget_s:.0f} s"}
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")), None)
+    if line is None:
+        return {"error": (p.stderr or p.stdout)[-1500:]}
+    out = json.loads(line[len("RESULT"):])
+    print(f"  effir_triton with EFFIR_TRITON_AUTOTUNE=full: {out['fwd_bwd_ms']:.2f} ms")
+    return out
+
+
 def run(out, quick: bool = False, budget_s: float = 170.0, backends=None) -> dict:
     t0 = time.time()
     deadline = t0 + budget_s
@@ -347,6 +380,8 @@ def run(out, quick: bool = False, budget_s: float = 170.0, backends=None) -> dic
         res["best_configs"] = best_configs()
     except Exception as exc:
         res["timing"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
+    if DEVICE == "cuda" and "triton" in backends and deadline - time.time() > 40:
+        res["full_autotune"] = full_autotune_run(deadline - time.time() - 5)
     res["seconds"] = round(time.time() - t0, 1)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
