@@ -7,8 +7,8 @@ One kernel family covers three variants through constexpr flags (z = x + res whe
 with f(u) = act(u @ Wdᵀ + bd) @ Wuᵀ + bu and one LayerNorm (weight, bias) used for both LNs.
 
 Forward: one program per BLOCK_M rows walks the row block in d-chunks of BLOCK_K columns: it accumulates
-the r-wide pre-activation a = u @ Wdᵀ on chip, then (post-LN) the row statistics of v = z + s*(act(a) @ Wuᵀ + bu),
-then writes y chunk by chunk. The chunk re-reads hit L1/L2 (a row block is a few tens of KB),
+the r-wide pre-activation a = u @ Wdᵀ on chip (with the Pfeiffer LayerNorm's statistics in the same pass), then
+(post-LN) the row statistics of v = z + s*(act(a) @ Wuᵀ + bu), then writes y chunk by chunk. The chunk re-reads hit L1/L2 (a row block is a few tens of KB),
 so HBM sees x (and res) read once and y written once; shared-memory operands are (BLOCK_K, BLOCK_R) weight
 chunks whatever d is. LayerNorm statistics take one pass (per-chunk mean and centred sum of squares, merged
 by Chan's rule: as stable as two passes), in fp32 (fp64).
@@ -16,8 +16,9 @@ Backward, no atomics, deterministic:
   1. `_bwd_rows_kernel` (one program per BLOCK_M rows) recomputes the forward the same way, writes dx (and
      dres), the r-wide act(a) and d(a) rows and six per-row LayerNorm scalars (tiny side buffers). Passes over
      the row block (Pfeiffer): LN-1 statistics, a, LN-2 statistics with the LN-2 backward's row means
-     (`_post_stats_bwd`), dh = dp Wu, then dx; the LN-1 backward's row means come from a and da without a pass
-     (9 passes before 2026-11-27, the version the first H100 run timed). On the
+     (`_post_stats_bwd`), dh = dp Wu, then dx; the LN-1 statistics share the pass that forms a (`_recompute_h`)
+     and the LN-1 backward's row means come from a and da without a pass: 4 passes (9 in the version the first
+     H100 run timed; the forward: 3 instead of 6). On the
      default path (EFFIR_ADAPTER_PARAMS=gemm) also dp = s*dv and u = LN(z) where they differ from dy and x, and
      per-row-block column sums of the bias and LayerNorm gradients.
   2. gemm (default): dW_up = dpᵀ h and dW_down = daᵀ u as two GEMMs (cuBLAS), the block sums reduced in a
@@ -125,35 +126,58 @@ def _merge_stats(mean, m2, chunk, mask, k0, D, BLOCK_K: tl.constexpr, CDT: tl.co
 
 
 @triton.jit
-def _row_stats(X, RES, rows, rmask, D, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-               HAS_RES: tl.constexpr, CDT: tl.constexpr):
-    """(mean, rstd) of z over the row: one pass over the chunks (`_merge_stats`)."""
-    mean = tl.zeros((BLOCK_M,), dtype=CDT)
-    m2 = tl.zeros((BLOCK_M,), dtype=CDT)
+def _wd_ln_dots(WD, LNW, LNB, rr, D, R, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, CDT: tl.constexpr):
+    """(Wd w, Wd b): the down-projection applied to the LayerNorm's weight and bias, (BLOCK_R,) each, in CDT."""
+    cw = tl.zeros((BLOCK_R,), dtype=CDT)
+    cb = tl.zeros((BLOCK_R,), dtype=CDT)
     for k0 in range(0, D, BLOCK_K):
-        z, _x, _c, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
-        mean, m2 = _merge_stats(mean, m2, z, mask, k0, D, BLOCK_K, CDT)
-    return mean, 1.0 / tl.sqrt(m2 / D + eps)
+        cols = k0 + tl.arange(0, BLOCK_K)
+        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=(rr < R)[:, None] & (cols < D)[None, :],
+                     other=0.0).to(CDT)
+        cw += tl.sum(wd * tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)[None, :], axis=1)
+        cb += tl.sum(wd * tl.load(LNB + cols, mask=cols < D, other=0.0).to(CDT)[None, :], axis=1)
+    return cw, cb
 
 
 @triton.jit
 def _recompute_h(X, RES, WD, BD, LNW, LNB, rows, rmask, rr, D, R, eps, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                  PRE_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr):
-    """(a, act(a), mean1, rstd1): the r-wide pre-activation, accumulated over d-chunks, on chip."""
+    """(a, act(a), mean1, rstd1): the r-wide pre-activation, accumulated over d-chunks on chip, in one pass over
+    the row also with the Pfeiffer LayerNorm in front. There a = LN(z) Wdᵀ + bd is taken apart as
+        a = rstd (((z - c) w) Wdᵀ - (mean - c) (w Wdᵀ)) + b Wdᵀ + bd
+    with c the row's first-chunk mean, so the statistics (`_merge_stats`) and the product share the pass. The
+    shift c keeps the tensor-core operand (z - c) w centred (|mean - c| ~ std / sqrt(BLOCK_K)), so rounding it
+    to 16 bits costs what rounding LN(z) would, whatever the row's mean; w Wdᵀ and b Wdᵀ are fp32 sums."""
+    bd = tl.load(BD + rr, mask=rr < R, other=0.0).to(CDT)
+    a = tl.zeros((BLOCK_M, BLOCK_R), dtype=CDT)
     if PRE_LN:
-        mean1, rstd1 = _row_stats(X, RES, rows, rmask, D, eps, BLOCK_M, BLOCK_K, HAS_RES, CDT)
+        z0, _x0, _c0, _m0, _o0 = _load_z(X, RES, rows, rmask, 0, D, BLOCK_K, HAS_RES, CDT)
+        shift = tl.sum(z0, axis=1) / tl.minimum(D, BLOCK_K)
+        mean1 = tl.zeros((BLOCK_M,), dtype=CDT)
+        m2 = tl.zeros((BLOCK_M,), dtype=CDT)
+        for k0 in range(0, D, BLOCK_K):
+            z, _x, cols, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+            mean1, m2 = _merge_stats(mean1, m2, z, mask, k0, D, BLOCK_K, CDT)
+            w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
+            wdt = tl.load(WD + rr[None, :] * D + cols[:, None], mask=(rr < R)[None, :] & (cols < D)[:, None],
+                          other=0.0)
+            zc = tl.where(mask, (z - shift[:, None]) * w[None, :], 0.0)
+            a += _mm(zc.to(wdt.dtype), wdt, IEEE).to(CDT)
+        # in a loop of their own: a weight chunk that also fed elementwise sums made ptxas serialise the wgmma
+        cw, cb = _wd_ln_dots(WD, LNW, LNB, rr, D, R, BLOCK_K, BLOCK_R, CDT)
+        rstd1 = 1.0 / tl.sqrt(m2 / D + eps)
+        a = rstd1[:, None] * (a - (mean1 - shift)[:, None] * cw[None, :]) + cb[None, :]
     else:
         mean1 = tl.zeros((BLOCK_M,), dtype=CDT)
         rstd1 = mean1
-    a = tl.zeros((BLOCK_M, BLOCK_R), dtype=CDT)
-    for k0 in range(0, D, BLOCK_K):
-        z, x, cols, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
-        u, _uh = _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN, CDT)
-        # Wdᵀ chunk (BLOCK_K, BLOCK_R) of w_down (R, D); padding is zero so it adds nothing
-        wdt = tl.load(WD + rr[None, :] * D + cols[:, None], mask=(rr < R)[None, :] & (cols < D)[:, None], other=0.0)
-        a += _mm(u.to(wdt.dtype), wdt, IEEE).to(CDT)
-    a += tl.load(BD + rr, mask=rr < R, other=0.0).to(CDT)[None, :]
+        for k0 in range(0, D, BLOCK_K):
+            z, x, cols, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+            # Wdᵀ chunk (BLOCK_K, BLOCK_R) of w_down (R, D); padding is zero so it adds nothing
+            wdt = tl.load(WD + rr[None, :] * D + cols[:, None], mask=(rr < R)[None, :] & (cols < D)[:, None],
+                          other=0.0)
+            a += _mm(x.to(wdt.dtype), wdt, IEEE).to(CDT)
+    a += bd[None, :]
     return a, _act(a, ACT), mean1, rstd1
 
 
@@ -291,14 +315,7 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
         # LayerNorm-1 backward needs the row means of g1 = du * w and g1 * uhat, du = da @ Wd. No pass over the
         # row: sum_d du w = da . (Wd w) and sum_d du w uhat = da . ((uhat * w) @ Wdᵀ) = da . (a - bd - Wd b),
         # the pre-activation a already holding (uhat * w + b) @ Wdᵀ + bd
-        cw = tl.zeros((BLOCK_R,), dtype=CDT)
-        cb = tl.zeros((BLOCK_R,), dtype=CDT)
-        for k0 in range(0, D, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :],
-                         other=0.0).to(CDT)
-            cw += tl.sum(wd * tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)[None, :], axis=1)
-            cb += tl.sum(wd * tl.load(LNB + cols, mask=cols < D, other=0.0).to(CDT)[None, :], axis=1)
+        cw, cb = _wd_ln_dots(WD, LNW, LNB, rr, D, R, BLOCK_K, BLOCK_R, CDT)
         bd = tl.load(BD + rr, mask=qmask, other=0.0).to(CDT)
         e1 = tl.sum(da * cw[None, :], axis=1) / D
         e2 = tl.sum(da * (a - bd[None, :] - cb[None, :]), axis=1) / D
