@@ -80,7 +80,7 @@ def correctness(backends, quick, deadline):
     cases += [(torch.bfloat16, v, "relu") for v in VARIANTS]
     if quick:  # scaling 0.7 and eps 1e-5 reach the fp64 kernels exactly (the first H100 run caught fp32 copies)
         cases = [(torch.float64, "ln_pre", "gelu"), (torch.float64, "plain", "relu"),
-                 (torch.bfloat16, "ln_pre", "relu")]
+                 (torch.bfloat16, "ln_pre", "relu"), (torch.bfloat16, "ln", "silu")]
     for dtype, variant, act in cases:
         if time.time() > deadline:
             rows.append({"skipped": "time budget", "dtype": str(dtype), "variant": variant, "act": act, "ok": False})
