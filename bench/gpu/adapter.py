@@ -158,8 +158,10 @@ def _adapterhub_fn(variant, d, r, act, scaling):
     return f, list(mod.parameters())
 
 
-def timings(backends, quick, copy_bps, deadline):
-    rows = []
+def timings(backends, quick, copy_bps, deadline, rows=None):
+    """(rows, AdapterHub import error); rows (a list the caller may pass) fills as it goes, so an interrupted
+    run keeps what it measured."""
+    rows = [] if rows is None else rows
     shapes = QUICK_SHAPES if quick else SHAPES
     variants = ("ln_pre", "ln") if quick else VARIANTS
     act, scaling, dtype = "relu", 1.0, torch.bfloat16
@@ -272,10 +274,11 @@ def run(out=None, quick: bool = False, budget_s: float | None = None) -> dict:
         res["correctness_pass"] = f"{sum(c['ok'] for c in res['correctness'])}/{len(res['correctness'])}"
     except Exception:
         res["correctness_error"] = traceback.format_exc()[-3000:]
+    res["timings"] = []
     try:
-        res["timings"], res["adapterhub"] = timings(backends, quick, res.get("copy_bytes_per_s"), deadline)
+        _rows, res["adapterhub"] = timings(backends, quick, res.get("copy_bytes_per_s"), deadline, res["timings"])
         res["adapterhub"] = res["adapterhub"] or "imported"
-    except Exception:
+    except Exception:  # the suite's time box included: the rows measured so far stay in res["timings"]
         res["timings_error"] = traceback.format_exc()[-3000:]
     res["seconds"] = time.time() - t0
     lines = []

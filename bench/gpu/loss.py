@@ -255,8 +255,9 @@ def _breakdown(fn, q, p):
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
-def timings(backends, quick, deadline, matmul_flops):
-    rows = []
+def timings(backends, quick, deadline, matmul_flops, rows=None):
+    """Timing rows; `rows` (a list the caller may pass) fills as it goes, so an interrupted run keeps them."""
+    rows = [] if rows is None else rows
     free = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 8 << 30
     cont = contestants(backends, quick)
     for B, d in (QUICK_SIZES if quick else SIZES):
@@ -374,12 +375,16 @@ def run(out, quick: bool = False, budget_s: float = 170.0, backends=None) -> dic
         res["correctness"] = correctness(backends, quick, t0 + 0.4 * budget_s)
     except Exception as exc:
         res["correctness"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
+    res["timing"] = []
     try:
-        res["timing"] = timings(backends, quick, deadline - 5, mm)
-        res["targets"] = _summary(res["timing"])
+        timings(backends, quick, deadline - 5, mm, res["timing"])
+    except Exception as exc:  # the suite's time box included: the rows measured so far stay in res["timing"]
+        res["timing_error"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
+    res["targets"] = _summary(res["timing"])
+    try:
         res["best_configs"] = best_configs()
     except Exception as exc:
-        res["timing"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
+        res["best_configs"] = {"error": f"{type(exc).__name__}: {exc}"}
     if DEVICE == "cuda" and "triton" in backends and deadline - time.time() > 40:
         res["full_autotune"] = full_autotune_run(deadline - time.time() - 5)
     res["seconds"] = round(time.time() - t0, 1)
