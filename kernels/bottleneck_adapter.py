@@ -8,8 +8,8 @@ with f(u) = act(u @ Wdᵀ + bd) @ Wuᵀ + bu and one LayerNorm (weight, bias) us
 
 Forward: one program per BLOCK_M rows walks the row block in d-chunks of BLOCK_K columns: it accumulates
 the r-wide pre-activation a = u @ Wdᵀ on chip (with the Pfeiffer LayerNorm's statistics in the same pass), then
-(post-LN) the row statistics of v = z + s*(act(a) @ Wuᵀ + bu), then writes y chunk by chunk. The chunk re-reads hit L1/L2 (a row block is a few tens of KB),
-so HBM sees x (and res) read once and y written once; shared-memory operands are (BLOCK_K, BLOCK_R) weight
+(post-LN) the row statistics of v = z + s*(act(a) @ Wuᵀ + bu), then writes y chunk by chunk. The chunk
+re-reads hit L1/L2 (a row block is a few tens of KB), so HBM sees x (and res) read once and y written once; shared-memory operands are (BLOCK_K, BLOCK_R) weight
 chunks whatever d is. LayerNorm statistics take one pass (per-chunk mean and centred sum of squares, merged
 by Chan's rule: as stable as two passes), in fp32 (fp64).
 Backward, no atomics, deterministic:
@@ -34,6 +34,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from kernels._knobs import env_choice
 
 ACT_IDS = {"relu": 0, "gelu": 1, "silu": 2}
 _N_STATS = 6  # mean1, rstd1, mean2, rstd2, c1 = mean(g), c2 = mean(g * vhat)  with g = dy * ln_weight
@@ -498,12 +500,8 @@ def _rows_block_m(default: int) -> int:
     """EFFIR_ADAPTER_ROWS_BLOCK_M (16-bit inputs): rows per program of the forward and row-gradient kernels,
     32 / 64 / 128 instead of `default` (more rows: the weight chunks are re-read by fewer programs, but the
     (BLOCK_M, BLOCK_K) fp32 tiles take more registers). Timed side by side by bench/gpu/adapter.py."""
-    v = os.environ.get("EFFIR_ADAPTER_ROWS_BLOCK_M")
-    if v is None:
-        return default
-    if v not in ("32", "64", "128"):
-        raise ValueError(f"EFFIR_ADAPTER_ROWS_BLOCK_M must be 32, 64 or 128, got {v!r}")
-    return int(v)
+    v = env_choice("EFFIR_ADAPTER_ROWS_BLOCK_M", ("32", "64", "128"), None)
+    return default if v is None else int(v)
 
 
 def _stages(x: torch.Tensor) -> int:
@@ -554,10 +552,7 @@ def _params_block_m() -> int:
     """Rows per step of the LayerNorm variants' parameter-gradient kernel: EFFIR_ADAPTER_PARAMS_BLOCK_M, 16
     (default: no spills on sm_90), 32 or 64 (wider tensor-core steps, some spilling): timed side by side by
     bench/gpu/adapter.py."""
-    v = os.environ.get("EFFIR_ADAPTER_PARAMS_BLOCK_M", "16")
-    if v not in ("16", "32", "64"):
-        raise ValueError(f"EFFIR_ADAPTER_PARAMS_BLOCK_M must be 16, 32 or 64, got {v!r}")
-    return int(v)
+    return int(env_choice("EFFIR_ADAPTER_PARAMS_BLOCK_M", ("16", "32", "64"), "16"))
 
 
 def _n_splits(m: int, block_m: int, n_dchunks: int, device: torch.device) -> int:
@@ -574,10 +569,7 @@ def params_path() -> str:
     give dW_up = dpᵀ h and dW_down = daᵀ u. "kernel": `_bwd_params_kernel` re-reads x and dy per d-chunk and
     reduces in registers (the first H100 run: 1.04 ms of a 2.51 ms step at 65536 tokens, d = 768, latency-bound
     16-row steps; the GEMM path moves ~400 MB at full bandwidth instead). Kept to time both side by side."""
-    v = os.environ.get("EFFIR_ADAPTER_PARAMS", "gemm")
-    if v not in ("gemm", "kernel"):
-        raise ValueError(f"EFFIR_ADAPTER_PARAMS must be 'gemm' or 'kernel', got {v!r}")
-    return v
+    return env_choice("EFFIR_ADAPTER_PARAMS", ("gemm", "kernel"), "gemm")
 
 
 def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str,
@@ -672,11 +664,12 @@ def _param_grads_partials(dy, x, res, w_down, w_up, b_up, lnw, lnb, hbuf, dabuf,
         dy, x, res if res is not None else dummy, w_down, w_up, b_up, lnw, lnb, hbuf, dabuf, stats,
         part, total, m, d, r, rows_per_split, *sc[:2],
         BLOCK_M=block_m2, BLOCK_DC=block_dc, BLOCK_R=br, num_warps=8, num_stages=_stages(x), **flags)
-    # fixed-order sum over the splits, in the compute dtype (the caller casts to the parameters' dtypes)
-    dw_up, dw_down = torch.empty((d, r), dtype=cdt, device=dev), torch.empty((r, d), dtype=cdt, device=dev)
-    db_up, db_down = torch.empty(d, dtype=cdt, device=dev), torch.empty(r, dtype=cdt, device=dev)
-    dlnw = torch.empty(d, dtype=cdt, device=dev) if ln else None
-    dlnb = torch.empty(d, dtype=cdt, device=dev) if ln else None
+    # fixed-order sum over the splits, written in the parameters' dtype (the inputs': one dtype per call)
+    pdt = dict(dtype=x.dtype, device=dev)
+    dw_up, dw_down = torch.empty((d, r), **pdt), torch.empty((r, d), **pdt)
+    db_up, db_down = torch.empty(d, **pdt), torch.empty(r, **pdt)
+    dlnw = torch.empty(d, **pdt) if ln else None
+    dlnb = torch.empty(d, **pdt) if ln else None
     ends = [d * r, 2 * d * r, 2 * d * r + d, 2 * d * r + d + r, 2 * d * r + 2 * d + r]
     if not ln:  # no LayerNorm partials: both LayerNorm ranges empty, their pointers never written
         ends[4] = ends[3]

@@ -159,17 +159,6 @@ def test_triton_param_gradient_paths(path, dtype, variant, monkeypatch):
     check_all(variant, make_inputs((157,), 200, 24, seed=13), dtype, "triton", "gelu")
 
 
-def test_triton_param_gradient_path_env_is_checked(monkeypatch):
-    from kernels import bottleneck_adapter as k
-
-    monkeypatch.setenv("EFFIR_ADAPTER_PARAMS", "atomic")
-    with pytest.raises(ValueError, match="EFFIR_ADAPTER_PARAMS"):
-        k.params_path()
-    monkeypatch.setenv("EFFIR_ADAPTER_ROWS_BLOCK_M", "48")
-    with pytest.raises(ValueError, match="EFFIR_ADAPTER_ROWS_BLOCK_M"):
-        k._blocks(768, 48, torch.bfloat16)
-
-
 @pytest.mark.parametrize("rows", ["32", "128"])
 def test_triton_rows_per_program(rows, monkeypatch):
     """The forward / row-gradient kernels with other row-block heights (EFFIR_ADAPTER_ROWS_BLOCK_M, 16-bit)."""

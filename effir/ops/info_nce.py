@@ -126,7 +126,7 @@ def _check_finite(named: list) -> None:
     if not named:
         return
     sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for _, t in named]
-    if not bool(torch.isfinite(torch.stack([x.to(sums[0].dtype) for x in sums])).all()):
+    if not bool(torch.isfinite(torch.stack(sums)).all()):  # one dtype: validate checked p / negatives first
         for name, t in named:
             check_tensor(name, t, dtypes=None, finite=True)
 

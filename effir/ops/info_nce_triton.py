@@ -6,12 +6,12 @@ and (blocked backward) one dS block of at most (B + N) d entries in the input dt
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 
 from effir.backends import triton_interpret
+from kernels._knobs import env_choice
 
 from kernels.info_nce import _bwd_ddocs_kernel, _bwd_dq_kernel, _bwd_dscores_kernel, _fwd_kernel, _mm_acc_kernel
 
@@ -64,10 +64,7 @@ def forward(q, docs, temperature, query_groups, doc_groups, pos_offset: int, sym
 
 def ds_block_factor() -> int:
     """EFFIR_TRITON_DS_BLOCK (default 2): a dS block holds at most this many times (B + N) d entries."""
-    v = os.environ.get("EFFIR_TRITON_DS_BLOCK", "2")
-    if v not in ("1", "2"):
-        raise ValueError(f"EFFIR_TRITON_DS_BLOCK must be '1' or '2', got {v!r}")
-    return int(v)
+    return int(env_choice("EFFIR_TRITON_DS_BLOCK", ("1", "2"), "2"))
 
 
 def block_shape(B: int, N: int, d: int, factor: int | None = None) -> tuple[int, int]:
@@ -92,10 +89,7 @@ def block_shape(B: int, N: int, d: int, factor: int | None = None) -> tuple[int,
 def gemm_order() -> str:
     """EFFIR_TRITON_GEMM_ORDER: "row" (default: tiles along N first, each dS row panel read from HBM about
     once) or "column" (along M first, the order before 2026-11-27; kept to time both side by side)."""
-    v = os.environ.get("EFFIR_TRITON_GEMM_ORDER", "row")
-    if v not in ("row", "column"):
-        raise ValueError(f"EFFIR_TRITON_GEMM_ORDER must be 'row' or 'column', got {v!r}")
-    return v
+    return env_choice("EFFIR_TRITON_GEMM_ORDER", ("row", "column"), "row")
 
 
 def _backward_blocked(q, docs, t, lse, g, qg_, dg_, has, sym, pos_offset):
@@ -112,7 +106,7 @@ def _backward_blocked(q, docs, t, lse, g, qg_, dg_, has, sym, pos_offset):
     dd = torch.empty(N, K, dtype=docs.dtype, device=q.device)
     acc_q = dq if ieee or n_cb == 1 else torch.empty(B, K, **f32)
     acc_d = dd if ieee or n_rb == 1 else torch.empty(N, K, **f32)
-    n_fastest = gemm_order() == "row"
+    n_fastest, cublas = gemm_order() == "row", gemm_engine() == "cublas"
     ds = torch.empty(rows, cols, dtype=q.dtype, device=q.device)
     for ri, r0 in enumerate(range(0, B, rows)):
         nr = min(rows, B - r0)
@@ -124,8 +118,8 @@ def _backward_blocked(q, docs, t, lse, g, qg_, dg_, has, sym, pos_offset):
             blk = ds[:nr, :nc]
             rs, cs = slice(r0, r0 + nr), slice(c0, c0 + nc)
             # dq[rows] += dS . docs[cols] ;  dd[cols] += dSᵀ . q[rows]
-            _mm_acc(blk, docs[cs], acc_q[rs], dq[rs], ci == 0, ci == n_cb - 1, n_fastest, ieee, up)
-            _mm_acc(blk.t(), q[rs], acc_d[cs], dd[cs], ri == 0, ri == n_rb - 1, n_fastest, ieee, up)
+            _mm_acc(blk, docs[cs], acc_q[rs], dq[rs], ci == 0, ci == n_cb - 1, n_fastest, cublas, ieee, up)
+            _mm_acc(blk.t(), q[rs], acc_d[cs], dd[cs], ri == 0, ri == n_rb - 1, n_fastest, cublas, ieee, up)
     return dq, dd
 
 
@@ -133,10 +127,7 @@ def gemm_engine() -> str:
     """EFFIR_TRITON_LOSS_GEMM: "triton" (default: `_mm_acc_kernel`) or "cublas" (torch.mm with fp32 output for
     16-bit inputs, the same fp32 accumulation). The first H100 run had the Triton GEMM steps at 53% of the
     card's bf16 matmul rate, 8.2 of 17.6 ms; cuBLAS reaches ~99% on square 8192³ products. Timed side by side."""
-    v = os.environ.get("EFFIR_TRITON_LOSS_GEMM", "triton")
-    if v not in ("triton", "cublas"):
-        raise ValueError(f"EFFIR_TRITON_LOSS_GEMM must be 'triton' or 'cublas', got {v!r}")
-    return v
+    return env_choice("EFFIR_TRITON_LOSS_GEMM", ("triton", "cublas"), "triton")
 
 
 def _mm_fp32(a, b):
@@ -146,12 +137,12 @@ def _mm_fp32(a, b):
     return torch.mm(a, b, out_dtype=torch.float32)
 
 
-def _mm_acc(a, b, c, out, first: bool, last: bool, n_fastest: bool, ieee: bool, up: bool):
+def _mm_acc(a, b, c, out, first: bool, last: bool, n_fastest: bool, cublas: bool, ieee: bool, up: bool):
     """One step of out (M, N) = sum of a (M, K) @ b (K, N), running sum in c (fp32, row-major, same strides as
-    out): first -> c = a @ b (c not read); last -> out = c + a @ b; else c += a @ b."""
+    out): first -> c = a @ b (c not read); last -> out = c + a @ b; else c += a @ b. cublas: torch.mm steps."""
     M, Kr = a.shape
     N = b.shape[1]
-    if gemm_engine() == "cublas":
+    if cublas:
         if first and last:
             out.copy_(_mm_fp32(a, b))
         elif first:
@@ -168,10 +159,7 @@ def _mm_acc(a, b, c, out, first: bool, last: bool, n_fastest: bool, ieee: bool, 
 
 def backward_variant() -> str:
     """"blocked" (default) or "fused" (EFFIR_TRITON_LOSS_BWD): see kernels/info_nce.py."""
-    v = os.environ.get("EFFIR_TRITON_LOSS_BWD", "blocked")
-    if v not in ("blocked", "fused"):
-        raise ValueError(f"EFFIR_TRITON_LOSS_BWD must be 'blocked' or 'fused', got {v!r}")
-    return v
+    return env_choice("EFFIR_TRITON_LOSS_BWD", ("blocked", "fused"), "blocked")
 
 
 def backward(q, docs, temperature, lse, grad_loss, query_groups, doc_groups, pos_offset: int):

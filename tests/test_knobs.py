@@ -1,0 +1,33 @@
+"""The kernels' design knobs (environment variables read per call): every reader rejects an unknown value with
+an error that names the variable, and falls back to its default when the variable is unset."""
+import pytest
+import torch
+
+from effir.ops import info_nce_triton as loss
+from kernels import bottleneck_adapter as adapter
+from kernels._knobs import env_choice
+
+# (variable, a value it refuses, the reader, what the reader gives when the variable is unset)
+KNOBS = [
+    ("EFFIR_TRITON_LOSS_BWD", "fast", loss.backward_variant, "blocked"),
+    ("EFFIR_TRITON_GEMM_ORDER", "diagonal", loss.gemm_order, "row"),
+    ("EFFIR_TRITON_LOSS_GEMM", "cutlass", loss.gemm_engine, "triton"),
+    ("EFFIR_TRITON_DS_BLOCK", "3", loss.ds_block_factor, 2),
+    ("EFFIR_ADAPTER_PARAMS", "atomic", adapter.params_path, "gemm"),
+    ("EFFIR_ADAPTER_PARAMS_BLOCK_M", "48", adapter._params_block_m, 16),
+    ("EFFIR_ADAPTER_ROWS_BLOCK_M", "48", lambda: adapter._blocks(768, 48, torch.bfloat16)[0], 64),
+]
+
+
+@pytest.mark.parametrize("name,bad,reader,default", KNOBS, ids=[k[0] for k in KNOBS])
+def test_knob_default_and_refusal(name, bad, reader, default, monkeypatch):
+    monkeypatch.delenv(name, raising=False)
+    assert reader() == default
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(ValueError, match=name):
+        reader()
+
+
+def test_env_choice_returns_the_set_value(monkeypatch):
+    monkeypatch.setenv("EFFIR_TEST_KNOB", "b")
+    assert env_choice("EFFIR_TEST_KNOB", ("a", "b"), "a") == "b"
