@@ -43,7 +43,8 @@ import torch  # noqa: E402
 SMEM_LIMIT = {90: 232448, 80: 166912}
 _TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
                     torch.int64: "i64", torch.int32: "i32"}
-_LAYOUTS = {(False, False, False): "plain", (True, False, True): "houlsby", (False, True, True): "pfeiffer"}
+_LAYOUTS = {(False, False, False): "plain", (True, False, True): "houlsby", (False, True, True): "pfeiffer",
+            (True, True, True): "pfeiffer h+t"}  # the last: forward only (its backward reads z, "pfeiffer")
 # (kernel, variant) pairs of the quick subset: every kernel at 16 bits (both configs of the forward, both GEMM
 # operand layouts of the blocked backward), the fp32 paths once each
 QUICK = {
@@ -57,6 +58,7 @@ QUICK = {
     ("info_nce._bwd_dq_kernel", "bf16 d=768 groups sym 128x64x64"),
     ("info_nce._bwd_ddocs_kernel", "bf16 d=768 groups sym 128x64x64"),
     ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 gelu houlsby"),
+    ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 relu pfeiffer h+t writes z"),
     ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 silu pfeiffer"),
     ("bottleneck_adapter._bwd_params_kernel", "bf16 d=768 r=48 pfeiffer"),
     ("bottleneck_adapter._fwd_kernel", "fp32 d=384 r=24 relu plain"),
@@ -282,6 +284,11 @@ def adapter_launches(mod) -> list[Launch]:
                     lnw, lnb = (torch.empty(d, **meta), torch.empty(d, **meta)) if post else (None, None)
 
                     def call():
+                        if has_res and pre:  # Pfeiffer fed h and t: training writes z, inference does not
+                            mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post,
+                                                  z_out=torch.empty_like(x))
+                            mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
+                            return
                         mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
                         mod.fused_adapter_bwd(dy, x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
 
@@ -298,6 +305,7 @@ def adapter_launches(mod) -> list[Launch]:
                                     lay = (_LAYOUTS[(c["HAS_RES"], c["PRE_LN"], c["POST_LN"])] if "HAS_RES" in c
                                            else layout)
                                     legacy = " params-kernel" if c.get("COL_SUMS") is False else ""
+                                    legacy += " writes z" if c.get("WRITE_Z") else ""
                                     ln.variant = f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} {lay}{legacy}"
                                     ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
                                     out.append(ln)

@@ -136,6 +136,7 @@ __device__ void adapter_front(const Args<T>& a, int m0, int TMv, acc_t<T>* ain, 
     const A xv = to_acc(a.x[gi]);
     A b = xv;
     if (a.mode != PLAIN) b += to_acc(a.res[gi]);
+    if (a.mode == LN_BEFORE) b = to_acc(from_acc<T>(b));  // z = x + res in the input dtype, as torch's add
     ain[t * ldd + c] = xv;
     base[t * ldd + c] = b;
     if (a.mode == LN_BEFORE) zbuf[t * ldd + c] = b;

@@ -9,22 +9,26 @@ with f(u) = act(u @ Wdᵀ + bd) @ Wuᵀ + bu and one LayerNorm (weight, bias) us
 Forward: one program per BLOCK_M rows walks the row block in d-chunks of BLOCK_K columns: it accumulates
 the r-wide pre-activation a = u @ Wdᵀ on chip (with the Pfeiffer LayerNorm's statistics in the same pass), then
 (post-LN) the row statistics of v = z + s*(act(a) @ Wuᵀ + bu), then writes y chunk by chunk. The chunk
-re-reads hit L1/L2 (a row block is a few tens of KB), so HBM sees x (and res) read once and y written once; shared-memory operands are (BLOCK_K, BLOCK_R) weight
-chunks whatever d is. LayerNorm statistics take one pass (per-chunk mean and centred sum of squares, merged
-by Chan's rule: as stable as two passes), in fp32 (fp64).
+re-reads hit L1/L2 (a row block is a few tens of KB), so HBM sees x (and res) read once and y written once;
+shared-memory operands are (BLOCK_K, BLOCK_R) weight chunks whatever d is. LayerNorm statistics take one pass
+(per-chunk mean and centred sum of squares, merged by Chan's rule: as stable as two passes), in fp32 (fp64).
+Pfeiffer with a residual: z = x + res is rounded to the input dtype (as torch's add) and, for a backward, written
+in the first pass (WRITE_Z), so the backward reads z alone and no separate add kernel runs.
 Backward, no atomics, deterministic:
-  1. `_bwd_rows_kernel` (one program per BLOCK_M rows) recomputes the forward the same way, writes dx (and
-     dres), the r-wide act(a) and d(a) rows and six per-row LayerNorm scalars (tiny side buffers). Passes over
-     the row block (Pfeiffer): LN-1 statistics, a, LN-2 statistics with the LN-2 backward's row means
-     (`_post_stats_bwd`), dh = dp Wu, then dx; the LN-1 statistics share the pass that forms a (`_recompute_h`)
-     and the LN-1 backward's row means come from a and da without a pass: 4 passes (9 in the version the first
-     H100 run timed; the forward: 3 instead of 6). On the
-     default path (EFFIR_ADAPTER_PARAMS=gemm) also dp = s*dv and u = LN(z) where they differ from dy and x, and
-     per-row-block column sums of the bias and LayerNorm gradients.
-  2. gemm (default): dW_up = dpᵀ h and dW_down = daᵀ u as two GEMMs (cuBLAS), the block sums reduced in a
-     fixed order. kernel: `_bwd_params_kernel` (grid: d-chunks x row splits) accumulates the parameter
-     gradients of its d-chunk over its row range in fp32 registers, one partial per split, and
-     `_sum_parts_kernel` sums them in a fixed order (the first H100 run: 1.04 of 2.51 ms, latency-bound).
+  1. `_bwd_rows_kernel` (one program per BLOCK_M rows) recomputes the forward the same way and writes dx (and
+     dres), the r-wide act(a) and d(a) rows (input dtype) and six per-row LayerNorm scalars (small side
+     buffers). Passes over the row block (Pfeiffer): LN-1 statistics with a (`_recompute_h`); LN-2 statistics
+     with the LN-2 backward's row means (`_post_stats_bwd`); dh = s*dv Wu, which also stores dv (Houlsby: as
+     dres, an output; else to a scratch); dx from the stored dv (no recompute of v). The LN-1 backward's row
+     means come from a and da without a pass: 4 passes (9 in the version the first H100 run timed; the forward:
+     3 instead of 6).
+     On the default path (EFFIR_ADAPTER_PARAMS=gemm) also u = LN(z) (Pfeiffer) and per-row-block column sums of
+     the bias and LayerNorm gradients.
+  2. gemm (default): dW_up = s (dvᵀ h) and dW_down = daᵀ u as two GEMMs (cuBLAS) over what the row kernel
+     wrote, the block sums reduced in a fixed order. kernel: `_bwd_params_kernel` (grid: d-chunks x row splits)
+     accumulates the parameter gradients of its d-chunk over its row range in fp32 registers, one partial per
+     split, and `_sum_parts_kernel` sums them in a fixed order (the first H100 run: 1.04 of 2.51 ms,
+     latency-bound).
 Thin launchers only; autograd lives in effir/ops.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ import triton
 import triton.language as tl
 
 from kernels._knobs import env_choice
+from kernels._mm import mm_acc
 
 ACT_IDS = {"relu": 0, "gelu": 1, "silu": 2}
 _N_STATS = 6  # mean1, rstd1, mean2, rstd2, c1 = mean(g), c2 = mean(g * vhat)  with g = dy * ln_weight
@@ -79,8 +84,11 @@ def _act_grad(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _load_z(X, RES, rows, rmask, k0, D, BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, CDT: tl.constexpr):
-    """(z chunk (BLOCK_M, BLOCK_K) in CDT with zeros outside, x chunk, cols, mask, offsets)."""
+def _load_z(X, RES, rows, rmask, k0, D, BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, PRE_LN: tl.constexpr,
+            CDT: tl.constexpr):
+    """(z chunk (BLOCK_M, BLOCK_K) in CDT with zeros outside, x chunk, cols, mask, offsets). Pfeiffer (PRE_LN) with
+    a residual: z = x + res rounded to the input dtype, as torch's add gives it and as the forward writes it for
+    the backward (which then reads that z): forward and backward see the same z."""
     cols = k0 + tl.arange(0, BLOCK_K)
     mask = rmask[:, None] & (cols < D)[None, :]
     offs = rows[:, None].to(tl.int64) * D + cols[None, :]
@@ -88,6 +96,8 @@ def _load_z(X, RES, rows, rmask, k0, D, BLOCK_K: tl.constexpr, HAS_RES: tl.const
     z = x
     if HAS_RES:
         z = z + tl.load(RES + offs, mask=mask, other=0.0).to(CDT)
+        if PRE_LN:
+            z = z.to(X.dtype.element_ty).to(CDT)
     return z, x, cols, mask, offs
 
 
@@ -117,8 +127,10 @@ def _merge_stats(mean, m2, chunk, mask, k0, D, BLOCK_K: tl.constexpr, CDT: tl.co
     """Fold one (BLOCK_M, BLOCK_K) chunk (zero outside `mask`) into per-row (mean, M2) over the columns before k0:
     the chunk's own mean and centred sum of squares, merged by Chan et al.'s parallel rule. One pass over the
     row, and as stable as two (no E[z²] - mean² cancellation)."""
-    n_a = k0 * 1.0  # counts below 2**24: exact in fp32, and they promote to fp64 in the fp64 kernels
-    n_b = tl.minimum(D - k0, BLOCK_K) * 1.0
+    # counts in CDT: exact (below 2**24), and ratios such as n_b / n = 1/3 are then rounded in fp64 by the fp64
+    # kernels (in fp32 they cost a ~1e-8 relative error in the mean once chunk means differ)
+    n_a = tl.cast(k0, CDT)
+    n_b = tl.cast(tl.minimum(D - k0, BLOCK_K), CDT)
     mean_b = tl.sum(chunk, axis=1) / n_b
     dz = tl.where(mask, chunk - mean_b[:, None], 0.0)
     m2_b = tl.sum(dz * dz, axis=1)
@@ -142,24 +154,27 @@ def _wd_ln_dots(WD, LNW, LNB, rr, D, R, BLOCK_K: tl.constexpr, BLOCK_R: tl.const
 
 
 @triton.jit
-def _recompute_h(X, RES, WD, BD, LNW, LNB, rows, rmask, rr, D, R, eps, BLOCK_M: tl.constexpr,
+def _recompute_h(X, RES, WD, BD, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                 PRE_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr):
+                 PRE_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr, WRITE_Z: tl.constexpr):
     """(a, act(a), mean1, rstd1): the r-wide pre-activation, accumulated over d-chunks on chip, in one pass over
     the row also with the Pfeiffer LayerNorm in front. There a = LN(z) Wdᵀ + bd is taken apart as
         a = rstd (((z - c) w) Wdᵀ - (mean - c) (w Wdᵀ)) + b Wdᵀ + bd
     with c the row's first-chunk mean, so the statistics (`_merge_stats`) and the product share the pass. The
     shift c keeps the tensor-core operand (z - c) w centred (|mean - c| ~ std / sqrt(BLOCK_K)), so rounding it
-    to 16 bits costs what rounding LN(z) would, whatever the row's mean; w Wdᵀ and b Wdᵀ are fp32 sums."""
+    to 16 bits costs what rounding LN(z) would, whatever the row's mean; w Wdᵀ and b Wdᵀ are fp32 sums.
+    WRITE_Z (Pfeiffer forward with a residual): z = x + res is also stored to Z in this pass, for the backward."""
     bd = tl.load(BD + rr, mask=rr < R, other=0.0).to(CDT)
     a = tl.zeros((BLOCK_M, BLOCK_R), dtype=CDT)
     if PRE_LN:
-        z0, _x0, _c0, _m0, _o0 = _load_z(X, RES, rows, rmask, 0, D, BLOCK_K, HAS_RES, CDT)
+        z0, _x0, _c0, _m0, _o0 = _load_z(X, RES, rows, rmask, 0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
         shift = tl.sum(z0, axis=1) / tl.minimum(D, BLOCK_K)
         mean1 = tl.zeros((BLOCK_M,), dtype=CDT)
         m2 = tl.zeros((BLOCK_M,), dtype=CDT)
         for k0 in range(0, D, BLOCK_K):
-            z, _x, cols, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+            z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
+            if WRITE_Z:
+                tl.store(Z + offs, z.to(Z.dtype.element_ty), mask=mask)
             mean1, m2 = _merge_stats(mean1, m2, z, mask, k0, D, BLOCK_K, CDT)
             w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
             wdt = tl.load(WD + rr[None, :] * D + cols[:, None], mask=(rr < R)[None, :] & (cols < D)[:, None],
@@ -174,7 +189,7 @@ def _recompute_h(X, RES, WD, BD, LNW, LNB, rows, rmask, rr, D, R, eps, BLOCK_M: 
         mean1 = tl.zeros((BLOCK_M,), dtype=CDT)
         rstd1 = mean1
         for k0 in range(0, D, BLOCK_K):
-            z, x, cols, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+            z, x, cols, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
             # Wdᵀ chunk (BLOCK_K, BLOCK_R) of w_down (R, D); padding is zero so it adds nothing
             wdt = tl.load(WD + rr[None, :] * D + cols[:, None], mask=(rr < R)[None, :] & (cols < D)[:, None],
                           other=0.0)
@@ -185,12 +200,13 @@ def _recompute_h(X, RES, WD, BD, LNW, LNB, rows, rmask, rr, D, R, eps, BLOCK_M: 
 
 @triton.jit
 def _post_stats(X, RES, WU, BU, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M: tl.constexpr,
-                BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr):
+                BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, CDT: tl.constexpr,
+                IEEE: tl.constexpr):
     """(mean2, rstd2) of v = z + s*p over the row: one pass, p recomputed per chunk (`_merge_stats`)."""
     mean = tl.zeros((BLOCK_M,), dtype=CDT)
     m2 = tl.zeros((BLOCK_M,), dtype=CDT)
     for k0 in range(0, D, BLOCK_K):
-        z, _x, cols, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        z, _x, cols, mask, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
         v = _v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT, IEEE)
         mean, m2 = _merge_stats(mean, m2, v, mask, k0, D, BLOCK_K, CDT)
     return mean, 1.0 / tl.sqrt(m2 / D + eps)
@@ -198,7 +214,8 @@ def _post_stats(X, RES, WU, BU, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M:
 
 @triton.jit
 def _post_stats_bwd(X, RES, DY, WU, BU, LNW, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M: tl.constexpr,
-                    BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, CDT: tl.constexpr,
+                    IEEE: tl.constexpr):
     """(mean2, rstd2, c1, c2) in ONE pass over the row: the statistics of v (as `_post_stats`) and the two row
     means the LayerNorm backward needs, c1 = mean(g), c2 = mean(g * vhat) with g = dy * ln_weight. c2 needs the
     final mean of v; the centred co-moment S = sum g (v - mean) is merged chunk by chunk with the rule that
@@ -209,12 +226,12 @@ def _post_stats_bwd(X, RES, DY, WU, BU, LNW, h, rows, rmask, rr, D, R, scaling, 
     cm = tl.zeros((BLOCK_M,), dtype=CDT)  # S: sum g (v - mean) over the columns so far
     gs = tl.zeros((BLOCK_M,), dtype=CDT)  # G: sum g over the columns so far
     for k0 in range(0, D, BLOCK_K):
-        z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
         v = _v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT, IEEE)
         w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
         g = tl.load(DY + offs, mask=mask, other=0.0).to(CDT) * w[None, :]
-        n_a = k0 * 1.0
-        n_b = tl.minimum(D - k0, BLOCK_K) * 1.0
+        n_a = tl.cast(k0, CDT)  # in CDT, as in `_merge_stats`
+        n_b = tl.cast(tl.minimum(D - k0, BLOCK_K), CDT)
         n = n_a + n_b
         mean_b = tl.sum(v, axis=1) / n_b
         dv = tl.where(mask, v - mean_b[:, None], 0.0)
@@ -239,23 +256,40 @@ def _scalars(SC, scaling, eps, CDT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, Y, M, D, R, SC, scaling, eps,
+def _fwd_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, Y, Z, M, D, R, SC, scaling, eps,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                 HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                CDT: tl.constexpr):
+                CDT: tl.constexpr, WRITE_Z: tl.constexpr):
     scaling, eps = _scalars(SC, scaling, eps, CDT)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     rmask = rows < M
-    _a, h, _m1, _r1 = _recompute_h(X, RES, WD, BD, LNW, LNB, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
-                                   BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE)
+    _a, h, _m1, _r1 = _recompute_h(X, RES, WD, BD, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
+                                   BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, WRITE_Z)
+    h = h.to(WU.dtype.element_ty)  # as every up-projection dot takes it
+    if WRITE_Z:
+        # the other passes read the z this program just wrote: one tensor instead of x and res (other threads
+        # wrote parts of it, hence the barrier)
+        tl.debug_barrier()
+        _fwd_out(Z, Z, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M, BLOCK_K, False,
+                 PRE_LN, POST_LN, CDT, IEEE)
+    else:
+        _fwd_out(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M, BLOCK_K, HAS_RES,
+                 PRE_LN, POST_LN, CDT, IEEE)
+
+
+@triton.jit
+def _fwd_out(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M: tl.constexpr,
+             BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr,
+             CDT: tl.constexpr, IEEE: tl.constexpr):
+    """The forward after the pre-activation: the post-LayerNorm statistics of v = z + s*p (one pass), then y."""
     if POST_LN:
         mean2, rstd2 = _post_stats(X, RES, WU, BU, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M, BLOCK_K,
-                                   HAS_RES, CDT, IEEE)
+                                   HAS_RES, PRE_LN, CDT, IEEE)
     # the row block's chunks were just read: these re-reads hit L1/L2, HBM sees x (and res) once
     for k0 in range(0, D, BLOCK_K):
-        z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
         v = _v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT, IEEE)
         if POST_LN:
             w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
@@ -280,7 +314,7 @@ def _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R,
 
 
 @triton.jit
-def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF, STATS, DP, U, PCOL,
+def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF, STATS, DV, U, PCOL,
                      M, D, R, SC, scaling, eps,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                      HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
@@ -292,24 +326,50 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
     rmask = rows < M
     qmask = rr < R
     # recompute the forward (nothing but the inputs was saved)
-    a, h, mean1, rstd1 = _recompute_h(X, RES, WD, BD, LNW, LNB, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
-                                      BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE)
+    a, h, mean1, rstd1 = _recompute_h(X, RES, WD, BD, LNW, LNB, X, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
+                                      BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, False)
+    # act(a) in the weights' dtype, as every up-projection dot takes it: half the registers of fp32 at 16 bits.
+    # Stored now (a GEMM operand, in the input dtype): a store after the last pass keeps h live through it
+    # (more spills), one after pass 3 made ptxas serialise the wgmma (C7515; bench/triton_aot.py). With this
+    # order only the relu Pfeiffer variant spills on sm_90, 24 B
+    h = h.to(WU.dtype.element_ty)
+    roffs = rows[:, None].to(tl.int64) * R + rr[None, :]
+    rqmask = rmask[:, None] & qmask[None, :]
+    tl.store(HBUF + roffs, h.to(HBUF.dtype.element_ty), mask=rqmask)
     mean2 = tl.zeros((BLOCK_M,), dtype=CDT)
     rstd2 = mean2
     c1 = mean2
     c2 = mean2
     if POST_LN:
         mean2, rstd2, c1, c2 = _post_stats_bwd(X, RES, DY, WU, BU, LNW, h, rows, rmask, rr, D, R, scaling, eps,
-                                               BLOCK_M, BLOCK_K, HAS_RES, CDT, IEEE)
-    # dh = dp @ Wu over d-chunks; dp = scaling * dv
+                                               BLOCK_M, BLOCK_K, HAS_RES, PRE_LN, CDT, IEEE)
+    # dh = dp @ Wu over d-chunks, dp = scaling * dv. dv (the gradient reaching v through the LayerNorm) is also
+    # stored to DV (Houlsby: DV is dres itself, an output; Pfeiffer: a scratch the dW_up GEMM reads), so the
+    # last pass reads it back instead of recomputing v; the column sums that need dy or v are taken here
     dh = tl.zeros((BLOCK_M, BLOCK_R), dtype=CDT)
     for k0 in range(0, D, BLOCK_K):
-        z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
+        z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
-        dv, _vh, _g = _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
-                                POST_LN, CDT, IEEE)
+        dv, vhat, _g = _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
+                                 POST_LN, CDT, IEEE)
         wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=(cols < D)[:, None] & qmask[None, :], other=0.0)
         dh += _mm((scaling * dv).to(wu.dtype), wu, IEEE).to(CDT)
+        if POST_LN:
+            tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
+        if COL_SUMS:
+            # this row block's column sums of the bias / LayerNorm gradients (masked rows add exact zeros):
+            # [s*dv | LN weight | LN bias]; the pre-LN's share of the last two is added in the last pass
+            pcol = PCOL + pid.to(tl.int64) * 3 * D + cols
+            cmask = cols < D
+            tl.store(pcol, tl.sum(scaling * dv, axis=0), mask=cmask)
+            if LN_GRADS and (PRE_LN or POST_LN):
+                lw = tl.zeros((BLOCK_K,), dtype=CDT)
+                lb = tl.zeros((BLOCK_K,), dtype=CDT)
+                if POST_LN:  # y = vhat * w + b
+                    lw += tl.sum(dy * vhat, axis=0)
+                    lb += tl.sum(dy, axis=0)
+                tl.store(pcol + D, lw, mask=cmask)
+                tl.store(pcol + 2 * D, lb, mask=cmask)
     da = dh * _act_grad(a, ACT)
     e1 = tl.zeros((BLOCK_M,), dtype=CDT)
     e2 = e1
@@ -321,51 +381,39 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
         bd = tl.load(BD + rr, mask=qmask, other=0.0).to(CDT)
         e1 = tl.sum(da * cw[None, :], axis=1) / D
         e2 = tl.sum(da * (a - bd[None, :] - cb[None, :]), axis=1) / D
+    da = da.to(WD.dtype.element_ty)  # what the dot below takes: half the registers of fp32 at 16 bits
+    # the stores above are read back below by other threads of this program
+    tl.debug_barrier()
     for k0 in range(0, D, BLOCK_K):
-        z, x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, CDT)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
-        dv, _vh, _g = _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
-                                POST_LN, CDT, IEEE)
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = rmask[:, None] & (cols < D)[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        if POST_LN:  # dv as stored: the value dres (Houlsby) and the dW_up GEMM see
+            dv = tl.load(DV + offs, mask=mask, other=0.0).to(CDT)
+        else:
+            dv = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
         wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :], other=0.0)
-        du = _mm(da.to(wd.dtype), wd, IEEE).to(CDT)
+        du = _mm(da, wd, IEEE).to(CDT)
         if PRE_LN:
+            z, x, _c, _m, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
             u, uhat = _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN, CDT)
             w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
             dz = dv + tl.where(mask, (du * w[None, :] - e1[:, None] - uhat * e2[:, None]) * rstd1[:, None], 0.0)
-            dx = dz
-            dres = dz
+            tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
+            if HAS_RES:
+                tl.store(DRES + offs, dz.to(DRES.dtype.element_ty), mask=mask)
+            if COL_SUMS:
+                tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)  # the dW_down GEMM's operand
+                if LN_GRADS:  # u = uhat * w + b, the same LayerNorm: add its share to pass 3's sums
+                    pcol = PCOL + pid.to(tl.int64) * 3 * D + cols
+                    cmask = cols < D
+                    tl.store(pcol + D, tl.load(pcol + D, mask=cmask, other=0.0) + tl.sum(du * uhat, axis=0),
+                             mask=cmask)
+                    tl.store(pcol + 2 * D, tl.load(pcol + 2 * D, mask=cmask, other=0.0) + tl.sum(du, axis=0),
+                             mask=cmask)
         else:
-            dx = dv + du
-            dres = dv
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_RES:
-            tl.store(DRES + offs, dres.to(DRES.dtype.element_ty), mask=mask)
-        if COL_SUMS:
-            # what the weight-gradient GEMMs need (dp = s*dv, u = LN(z)) and this row block's column sums of the
-            # bias / LayerNorm gradients (every masked row contributes exact zeros here)
-            dp = scaling * dv
-            if POST_LN:
-                tl.store(DP + offs, dp.to(DP.dtype.element_ty), mask=mask)
-            if PRE_LN:
-                tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)
-            pcol = PCOL + pid.to(tl.int64) * 3 * D + cols
-            cmask = cols < D
-            tl.store(pcol, tl.sum(dp, axis=0), mask=cmask)
-            if LN_GRADS and (PRE_LN or POST_LN):
-                lw = tl.zeros((BLOCK_K,), dtype=CDT)
-                lb = tl.zeros((BLOCK_K,), dtype=CDT)
-                if POST_LN:  # y = vhat * w + b
-                    lw += tl.sum(dy * _vh, axis=0)
-                    lb += tl.sum(dy, axis=0)
-                if PRE_LN:  # u = uhat * w + b, the same LayerNorm
-                    lw += tl.sum(du * uhat, axis=0)
-                    lb += tl.sum(du, axis=0)
-                tl.store(pcol + D, lw, mask=cmask)
-                tl.store(pcol + 2 * D, lb, mask=cmask)
-    roffs = rows[:, None].to(tl.int64) * R + rr[None, :]
-    rqmask = rmask[:, None] & qmask[None, :]
-    tl.store(HBUF + roffs, h, mask=rqmask)
-    tl.store(DABUF + roffs, da, mask=rqmask)
+            tl.store(DX + offs, (dv + du).to(DX.dtype.element_ty), mask=mask)  # Houlsby: dres = dv is stored
+    tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
     if PRE_LN:
         tl.store(STATS + rows * 6 + 0, mean1, mask=rmask)
         tl.store(STATS + rows * 6 + 1, rstd1, mask=rmask)
@@ -414,13 +462,15 @@ def _bwd_params_kernel(DY, X, RES, WD, WU, BU, LNW, LNB, HBUF, DABUF, STATS,
         offs = rows[:, None].to(tl.int64) * D + cols[None, :]
         roffs = rows[:, None].to(tl.int64) * R + rr[None, :]
         rqmask = rmask[:, None] & qmask[None, :]
-        h = tl.load(HBUF + roffs, mask=rqmask, other=0.0)
-        da = tl.load(DABUF + roffs, mask=rqmask, other=0.0)
+        h = tl.load(HBUF + roffs, mask=rqmask, other=0.0)  # as the forward's up-projection dot rounds it
+        da = tl.load(DABUF + roffs, mask=rqmask, other=0.0).to(cdt)
         x = tl.load(X + offs, mask=mask, other=0.0).to(cdt)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(cdt)
         z = x
         if HAS_RES:
             z = z + tl.load(RES + offs, mask=mask, other=0.0).to(cdt)
+            if PRE_LN:  # as `_load_z`: the Pfeiffer sum in the input dtype
+                z = z.to(xdt).to(cdt)
         if PRE_LN:
             mean1 = tl.load(STATS + rows * 6 + 0, mask=rmask, other=0.0)
             rstd1 = tl.load(STATS + rows * 6 + 1, mask=rmask, other=0.0)
@@ -532,19 +582,23 @@ def _scalar_args(x: torch.Tensor, scaling: float, eps: float):
 
 
 def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str, scaling: float,
-                      eps: float, pre_ln: bool, post_ln: bool) -> torch.Tensor:
-    """y (M, d) of one variant (see module doc). x, res: (M, d) contiguous; res/ln_* may be None."""
+                      eps: float, pre_ln: bool, post_ln: bool, z_out: torch.Tensor | None = None) -> torch.Tensor:
+    """y (M, d) of one variant (see module doc). x, res: (M, d) contiguous; res/ln_* may be None.
+    z_out (Pfeiffer with res only): an (M, d) tensor like x that receives z = x + res (in x's dtype), written in
+    the pass that reads it anyway, so the backward can take z alone (`fused_adapter_bwd(dy, z, None, ...)`)."""
     m, d = x.shape
     r = w_down.shape[0]
+    if z_out is not None and not (pre_ln and res is not None):
+        raise ValueError("z_out is only written by the Pfeiffer variant (pre_ln=True) with a residual res")
     y = torch.empty_like(x)
     bm, bk, br = _blocks(d, r, x.dtype)
     dummy = x  # never read when the flag is off
     _fwd_kernel[(triton.cdiv(m, bm),)](
         x, res if res is not None else dummy, w_down, b_down, w_up, b_up,
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy, y,
-        m, d, r, *_scalar_args(x, scaling, eps), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation],
-        HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln, num_warps=_warps(bm, bk, br),
-        num_stages=_stages(x), **_flags(x))
+        z_out if z_out is not None else dummy, m, d, r, *_scalar_args(x, scaling, eps), BLOCK_M=bm, BLOCK_K=bk,
+        BLOCK_R=br, ACT=ACT_IDS[activation], HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln,
+        num_warps=_warps(bm, bk, br), num_stages=_stages(x), WRITE_Z=z_out is not None, **_flags(x))
     return y
 
 
@@ -564,11 +618,11 @@ def _n_splits(m: int, block_m: int, n_dchunks: int, device: torch.device) -> int
 
 
 def params_path() -> str:
-    """EFFIR_ADAPTER_PARAMS: how the weight gradients are formed. "gemm" (default): the row kernel writes
-    dp = s*dv and u = LN(z) (only where they differ from dy / x) plus per-row-block column sums, and two GEMMs
-    give dW_up = dpᵀ h and dW_down = daᵀ u. "kernel": `_bwd_params_kernel` re-reads x and dy per d-chunk and
-    reduces in registers (the first H100 run: 1.04 ms of a 2.51 ms step at 65536 tokens, d = 768, latency-bound
-    16-row steps; the GEMM path moves ~400 MB at full bandwidth instead). Kept to time both side by side."""
+    """EFFIR_ADAPTER_PARAMS: how the weight gradients are formed. "gemm" (default): two GEMMs over what the row
+    kernel writes anyway (dv: Houlsby's dres, or a scratch; u = LN(z) for Pfeiffer) and per-row-block column
+    sums. "kernel": `_bwd_params_kernel` re-reads x and dy per d-chunk and reduces in registers (the first H100
+    run: 1.04 ms of a 2.51 ms step at 65536 tokens, d = 768, latency-bound 16-row steps). Kept to time both side
+    by side."""
     return env_choice("EFFIR_ADAPTER_PARAMS", ("gemm", "kernel"), "gemm")
 
 
@@ -583,8 +637,10 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     bm, bk, br = _blocks(d, r, x.dtype)
     dx = torch.empty_like(x)
     dres = torch.empty_like(x) if res is not None else None
-    hbuf = torch.empty((m, r), dtype=cdt, device=dev)
-    dabuf = torch.empty((m, r), dtype=cdt, device=dev)
+    # act(a) and d(a) rows in the input dtype: what the weight-gradient GEMMs take (as torch's own autograd
+    # would), half the bytes of fp32 and no conversion kernels; the forward's dot rounds act(a) the same way
+    hbuf = torch.empty((m, r), dtype=x.dtype, device=dev)
+    dabuf = torch.empty((m, r), dtype=x.dtype, device=dev)
     stats = torch.empty((m, _N_STATS) if (pre_ln or post_ln) else (1, _N_STATS), dtype=cdt, device=dev)
     dummy = x
     has_res = res is not None
@@ -595,22 +651,26 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     sc = _scalar_args(x, scaling, eps)
     gemm = params_path() == "gemm"
     n_blocks = triton.cdiv(m, bm)
-    dp = torch.empty_like(x) if gemm and post_ln else dummy
+    # dv, the gradient reaching v = z + s*p through the post-LayerNorm: Houlsby's dres itself, else a scratch
+    if post_ln:
+        dv = dres if has_res and not pre_ln else torch.empty_like(x)
+    else:
+        dv = dummy  # plain: dv = dy
     u = torch.empty_like(x) if gemm and pre_ln else dummy
     pcol = torch.empty((n_blocks, 3, d), dtype=cdt, device=dev) if gemm else dummy
     _bwd_rows_kernel[(n_blocks,)](
         dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb, dx,
-        dres if has_res else dummy, hbuf, dabuf, stats, dp, u, pcol, m, d, r, *sc,
+        dres if has_res else dummy, hbuf, dabuf, stats, dv, u, pcol, m, d, r, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=_warps(bm, bk, br),
         num_stages=_stages(x), COL_SUMS=gemm, LN_GRADS=ln_param_grads, **flags)
     if gemm:
-        grads = _param_grads_gemm(dy, x, dp if post_ln else None, u if pre_ln else None, hbuf, dabuf, pcol,
-                                  scaling, ln and ln_param_grads)
+        grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln else None, hbuf, dabuf, pcol, scaling,
+                                  ln and ln_param_grads)
     else:
         grads = _param_grads_partials(dy, x, res, w_down, w_up, b_up, lnw, lnb, hbuf, dabuf, stats, sc, flags,
                                       bk, br)
     dw_down, db_down, dw_up, db_up, dlnw, dlnb = grads
-    dw_down, db_down = dw_down.to(w_down.dtype), db_down.to(b_down.dtype)
+    dw_down, db_down = dw_down.to(w_down.dtype), db_down.to(b_down.dtype)  # no-ops on the partials path
     dw_up, db_up = dw_up.to(w_up.dtype), db_up.to(b_up.dtype)
     if ln:
         zeros = lambda t: torch.zeros_like(t)  # noqa: E731 (frozen LayerNorm: nothing reduced)
@@ -621,16 +681,16 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     return dx, dres, dw_down, db_down, dw_up, db_up, dlnw, dlnb
 
 
-def _param_grads_gemm(dy, x, dp, u, hbuf, dabuf, pcol, scaling: float, ln_grads: bool):
-    """(dW_down, db_down, dW_up, db_up, dln_w|None, dln_b|None) from the row kernel's outputs: dp (M, d) = s*dv
-    (None: plain, where dp = s*dy), u (M, d) = LN(z) (None: u = x), h / da (M, r) in hbuf / dabuf, pcol
-    (blocks, 3, d) column sums [s*dv, LN weight, LN bias]. 16-bit GEMM operands as in torch's own bf16 autograd
-    (fp32 accumulation inside the GEMM); fp32 / fp64 exact. Block sums are reduced in a fixed order."""
-    h = hbuf.to(x.dtype) if dp is not None else (hbuf * scaling).to(x.dtype)  # plain: dW_up = s dyᵀ h
-    dw_up = torch.mm((dp if dp is not None else dy).t(), h)
-    dw_down = torch.mm(dabuf.to(x.dtype).t(), u if u is not None else x)
+def _param_grads_gemm(dv, x, u, hbuf, dabuf, pcol, scaling: float, ln_grads: bool):
+    """(dW_down, db_down, dW_up, db_up, dln_w|None, dln_b|None) from the row kernel's outputs: dv (M, d) the
+    gradient reaching v (plain: dy; Houlsby: dres), u (M, d) = LN(z) (None: u = x), h / da (M, r) in hbuf /
+    dabuf (input dtype), pcol (blocks, 3, d) column sums [s*dv, LN weight, LN bias]. dW_up = s (dvᵀ h),
+    dW_down = daᵀ u: 16-bit GEMM operands as in torch's own bf16 autograd, fp32 accumulation and results (one
+    rounding, to the parameters' dtype, by the caller); fp32 / fp64 exact. Block sums in a fixed order."""
+    dw_up = mm_acc(dv.t(), hbuf).mul_(scaling)  # fp32 (fp64) results, rounded once to the parameters' dtype
+    dw_down = mm_acc(dabuf.t(), u if u is not None else x)
     db_up = pcol[:, 0].sum(0)
-    db_down = dabuf.sum(0)
+    db_down = dabuf.sum(0, dtype=pcol.dtype)
     dlnw = pcol[:, 1].sum(0) if ln_grads else None
     dlnb = pcol[:, 2].sum(0) if ln_grads else None
     return dw_down, db_down, dw_up, db_up, dlnw, dlnb
@@ -640,7 +700,8 @@ def _param_grads_partials(dy, x, res, w_down, w_up, b_up, lnw, lnb, hbuf, dabuf,
     """The same six gradients from `_bwd_params_kernel` + `_sum_parts_kernel` (EFFIR_ADAPTER_PARAMS=kernel)."""
     m, d = x.shape
     r = w_up.shape[1]
-    dev, cdt = x.device, hbuf.dtype
+    dev = x.device
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     pre_ln, post_ln = flags["PRE_LN"], flags["POST_LN"]
     ln = pre_ln or post_ln
     dummy = x

@@ -1,5 +1,8 @@
 """The fused bottleneck-adapter ops vs float64 references: forward and every gradient, every backend,
 activation and dtype; odd token counts, padding, non-contiguous inputs, d / r not powers of two."""
+import os
+import zlib
+
 import pytest
 import torch
 
@@ -59,8 +62,11 @@ def check_all(variant, inputs, dtype, backend, act, transform=None, **kw):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_op_matches_float64(backend, act, dtype, variant):
-    # 2 x 7 tokens (odd), d = 129, r = 48: neither a power of two
-    check_all(variant, make_inputs((2, 7), 129, 48, seed=hash((act, variant)) % 1000), dtype, backend, act)
+    # 2 x 7 tokens (odd), d = 129, r = 48: neither a power of two. The seed is a stable function of the case
+    # (builtin hash() of strings changes with every process: a relu pre-activation that lands within 16-bit
+    # rounding of 0 then flips in some runs and not in others, and the run is not reproducible)
+    seed = zlib.crc32(f"{act}/{variant}".encode()) % 1000
+    check_all(variant, make_inputs((2, 7), 129, 48, seed=seed), dtype, backend, act)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -120,6 +126,57 @@ def test_saves_only_inputs(backend, variant):
     expect = {"plain": 1, "ln": 2, "ln_pre": 1}[variant]  # x | h and t | z = h + t
     assert len(acts) == expect, [tuple(t.shape) for t in acts]
     assert all(tuple(t.shape) == (tokens, d) for t in acts)
+
+
+@pytest.mark.parametrize("backend", ["recompute", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pfeiffer_without_grad_matches_with_grad(backend, dtype):
+    """Without gradients the Pfeiffer op takes h and t as they are (the kernel sums them on the fly, nothing is
+    written for a backward); with gradients it saves z = h + t (Triton: written by the forward kernel). Both
+    must give the same output bit for bit: z is rounded to the input dtype either way, as torch's add does."""
+    p = make_inputs((37,), 129, 24, seed=21)
+    args = [p[n].to(dtype) for n in NAMES["ln"]]
+    kw = dict(activation="gelu", scaling=0.7, original_ln_before=True, backend=backend)
+    with torch.no_grad():
+        y0 = effir.bottleneck_adapter_layernorm(*args, **kw)
+    h = args[0].clone().requires_grad_()
+    y1 = effir.bottleneck_adapter_layernorm(h, *args[1:], **kw)
+    assert y1.requires_grad and torch.equal(y0, y1.detach())
+
+
+def test_triton_pfeiffer_writes_the_rounded_sum():
+    """The Pfeiffer forward's z output is exactly torch's (h + t) in the input dtype; other variants refuse it."""
+    from kernels.bottleneck_adapter import fused_adapter_fwd
+
+    p = {k: v.to(torch.bfloat16) for k, v in make_inputs((19,), 72, 8, seed=23).items()}
+    z = torch.empty_like(p["x"])
+    params = [p[n] for n in ("w_down", "b_down", "w_up", "b_up", "ln_weight", "ln_bias")]
+    fused_adapter_fwd(p["x"], p["res"], *params, "relu", 1.0, 1e-5, True, True, z_out=z)
+    expect = p["x"] + p["res"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton 3.6's interpreter converts fp32 to bf16 by truncation (a GPU rounds to nearest even, as torch
+        # does; bench/gpu/adapter.py checks that there): the sum of two bf16 values is exact in fp32
+        s = p["x"].float() + p["res"].float()
+        expect = (s.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    assert torch.equal(z, expect)
+    with pytest.raises(ValueError, match="z_out"):
+        fused_adapter_fwd(p["x"], p["res"], *params, "relu", 1.0, 1e-5, False, True, z_out=z)
+
+
+@pytest.mark.parametrize("variant", ["ln", "ln_pre"])
+def test_triton_layernorm_stress(variant):
+    """Inputs that break naive LayerNorm arithmetic: row means 40 standard deviations off zero, the first d-chunk
+    (the Pfeiffer kernel's centring shift) a further +10 off, one column 50x the others, a large LayerNorm
+    bias. Sums of squares taken as E[z²] - mean² or an uncentred 16-bit tensor-core operand lose the signal;
+    Chan-merged statistics and the shifted operand must stay within the error rule in every dtype."""
+    p = make_inputs((3, 43), 200, 24, seed=29)
+    for n in ("x", "res"):
+        p[n] = p[n] + 20.0 * torch.randn(3, 43, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(31))
+        p[n][..., :64] += 5.0
+        p[n][..., 77] *= 50.0
+    p["ln_bias"] = p["ln_bias"] + 3.0
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        check_all(variant, p, dtype, "triton", "silu")
 
 
 def test_triton_backward_deterministic():

@@ -98,7 +98,25 @@ def correctness(backends, quick, deadline):
                          "M": m, "d": d, "r": r, "max_err": max(errs),
                          "ok": all(e <= b for e, b in zip(errs, bounds)),
                          "errs": errs, "bounds": bounds})
+    if "triton" in backends and time.time() < deadline:
+        rows.append(_pfeiffer_sum_check(m, d, r))
     return rows
+
+
+def _pfeiffer_sum_check(m, d, r):
+    """bf16 Pfeiffer forward on the GPU: the z it writes for the backward is torch's h + t bit for bit (the CPU
+    interpreter truncates where a GPU rounds to nearest even, so only a GPU can check this), and the output
+    without gradients (h + t summed on the fly, nothing written) equals the output with them."""
+    from effir.ops.bottleneck_adapter_triton import adapter_ln_pre_fwd
+
+    p = _inputs(m, d, r, torch.bfloat16, seed=7)
+    args = [p[k] for k in _ARGS]
+    y, z = adapter_ln_pre_fwd(*args, "relu", 0.7, 1e-5)
+    with torch.no_grad():
+        y0 = _fn("ln_pre", "triton", "relu")(*args)
+    z_exact, y_same = torch.equal(z, p["h"] + p["t"]), torch.equal(y, y0)
+    return {"backend": "triton", "check": "pfeiffer_sum", "dtype": "torch.bfloat16", "variant": "ln_pre",
+            "M": m, "d": d, "r": r, "z_exact": z_exact, "no_grad_same": y_same, "ok": z_exact and y_same}
 
 
 def _bench_ms(fn, quick):

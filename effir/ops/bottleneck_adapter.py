@@ -43,6 +43,14 @@ def _summed_input(backend: str) -> bool:
     return bool(getattr(_impl(backend), "SUPPORTS_SUMMED_INPUT", False))
 
 
+def _fused_sum(backend: str) -> bool:
+    """Whether the backend's Pfeiffer forward also writes z = h + t itself (`adapter_ln_pre_fwd`, docs/backends.md):
+    then no separate add kernel reads h and t and writes z before the op reads z again."""
+    if backend in ("recompute", "triton"):  # known without an import (torch.compile does not trace imports)
+        return backend == "triton"
+    return hasattr(_impl(backend), "adapter_ln_pre_fwd")
+
+
 # ---------------------------------------------------------------- plain adapter
 @torch.library.custom_op("effir::bottleneck_adapter_fwd", mutates_args=())
 def _fwd(x: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, activation: str,
@@ -140,6 +148,38 @@ def _ln_backward(ctx, dy):
 _ln_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
+# ---------------------------------------------------------------- Pfeiffer: the forward also writes z = h + t
+@torch.library.custom_op("effir::bottleneck_adapter_ln_pre_fwd", mutates_args=())
+def _ln_pre_fwd(h: Tensor, t: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
+                ln_weight: Tensor, ln_bias: Tensor, activation: str, scaling: float, eps: float,
+                backend: str) -> tuple[Tensor, Tensor]:
+    return _impl(backend).adapter_ln_pre_fwd(h, t, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation,
+                                             scaling, eps)
+
+
+@_ln_pre_fwd.register_fake
+def _(h, t, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation, scaling, eps, backend):
+    return torch.empty_like(h), torch.empty_like(h)
+
+
+def _ln_pre_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], *inputs[2:8])  # z and the parameters: one activation, as with the add
+    ctx.args = tuple(inputs[8:])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ln_pre_backward(ctx, dy, _dz):
+    z, *params = ctx.saved_tensors
+    activation, scaling, eps, backend = ctx.args
+    ln_grads = any(ctx.needs_input_grad[6:8])
+    grads = _ln_bwd(dy.contiguous(), z, None, *params, activation, scaling, eps, True, backend, ln_grads)
+    dln = grads[6:8] if ln_grads else (None, None)
+    return (grads[0], grads[0], *grads[2:6], *dln, None, None, None, None)  # dh = dt = dz
+
+
+_ln_pre_fwd.register_autograd(_ln_pre_backward, setup_context=_ln_pre_setup)
+
+
 # ---------------------------------------------------------------- public API
 def _check(x, w_down, b_down, w_up, b_up, x_name="x"):
     check_tensor(x_name, x)
@@ -208,14 +248,17 @@ def bottleneck_adapter_layernorm(h: Tensor, input_tensor: Tensor, w_down: Tensor
         return bottleneck_adapter_layernorm_reference(
             h, input_tensor, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation=act, scaling=scaling,
             eps=float(eps), original_ln_before=bool(original_ln_before))
-    x2 = h.reshape(-1, d)
-    r2 = input_tensor.reshape(-1, d)
-    if original_ln_before and _summed_input(backend):
-        # the Pfeiffer output depends on z = h + t only: one add here (no saved tensors), then the op saves z
-        x2, r2 = x2 + r2, None
-    else:
-        r2 = r2.contiguous()
-    x2 = x2.contiguous()
+    x2 = h.reshape(-1, d).contiguous()
+    r2 = input_tensor.reshape(-1, d).contiguous()
     params = [t.contiguous() for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias)]
-    y = _ln_fwd(x2, r2, *params, act, scaling, float(eps), bool(original_ln_before), backend)
+    # The Pfeiffer output depends on z = h + t only, so with gradients the op saves z alone: written by the
+    # forward kernel itself where the backend can, else by one add here. Without gradients nothing is saved and
+    # the backend sums h + t on the fly.
+    grad = torch.is_grad_enabled() and any(a.requires_grad for a in (h, input_tensor, *params))
+    if original_ln_before and grad and _fused_sum(backend):
+        y = _ln_pre_fwd(x2, r2, *params, act, scaling, float(eps), backend)[0]
+    else:
+        if original_ln_before and grad and _summed_input(backend):
+            x2, r2 = x2 + r2, None
+        y = _ln_fwd(x2, r2, *params, act, scaling, float(eps), bool(original_ln_before), backend)
     return y.view(h.shape)

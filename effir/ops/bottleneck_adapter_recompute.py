@@ -95,7 +95,7 @@ def adapter_ln_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activ
     x_, res_, wd, bd, wu, bu, lw, lb = _cast(_cdt(x), x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias)
     d = x.shape[-1]
     if original_ln_before:
-        z = x_ if res_ is None else x_ + res_
+        z = x_ if res is None else (x + res).to(x_.dtype)  # the sum in the input dtype, as torch's add gives it
         u, base = F.layer_norm(z, (d,), lw, lb, eps), z
     else:
         u, base = x_, x_ + res_
@@ -115,7 +115,7 @@ def adapter_ln_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, a
     # recompute: the pre-LN statistics and output (original_ln_before), the r-wide activation, the post-adapter
     # sum v and only its statistics
     if original_ln_before:
-        z = x_ if res_ is None else x_ + res_
+        z = x_ if res is None else (x + res).to(x_.dtype)
         u, mean1, rstd1 = torch.native_layer_norm(z, (d,), lw, lb, eps)
         base = z
     else:

@@ -1,7 +1,8 @@
 """Triton backend of the bottleneck adapter ops (kernels in kernels/bottleneck_adapter.py).
 
-Same four functions and signatures as the other backends (docs/backends.md): 2-D (M, d)
-contiguous inputs of one dtype; backward recomputes the intermediate, fp32 accumulation, no atomics.
+Same four functions and signatures as the other backends (docs/backends.md), plus the optional
+`adapter_ln_pre_fwd`: 2-D (M, d) contiguous inputs of one dtype; backward recomputes the intermediate, fp32
+accumulation, no atomics.
 """
 from __future__ import annotations
 
@@ -35,6 +36,15 @@ def adapter_ln_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activ
                    eps: float, original_ln_before: bool) -> torch.Tensor:
     return _k().fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation, scaling,
                                   eps, original_ln_before, True)
+
+
+def adapter_ln_pre_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str, scaling: float,
+                       eps: float):
+    """(y, z): the Pfeiffer forward of x + res that also writes z = x + res (in x's dtype) for the backward."""
+    z = torch.empty_like(x)
+    y = _k().fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation, scaling, eps,
+                               True, True, z_out=z)
+    return y, z
 
 
 def adapter_ln_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str, scaling: float,

@@ -12,6 +12,7 @@ import triton
 
 from effir.backends import triton_interpret
 from kernels._knobs import env_choice
+from kernels._mm import mm_acc
 
 from kernels.info_nce import _bwd_ddocs_kernel, _bwd_dq_kernel, _bwd_dscores_kernel, _fwd_kernel, _mm_acc_kernel
 
@@ -130,13 +131,6 @@ def gemm_engine() -> str:
     return env_choice("EFFIR_TRITON_LOSS_GEMM", ("triton", "cublas"), "triton")
 
 
-def _mm_fp32(a, b):
-    """a @ b accumulated and returned in fp32 (16-bit inputs are never rounded on the way)."""
-    if a.dtype == torch.float32 or a.device.type != "cuda":
-        return torch.mm(a.float(), b.float())  # CPU: bf16 x bf16 products are exact in fp32
-    return torch.mm(a, b, out_dtype=torch.float32)
-
-
 def _mm_acc(a, b, c, out, first: bool, last: bool, n_fastest: bool, cublas: bool, ieee: bool, up: bool):
     """One step of out (M, N) = sum of a (M, K) @ b (K, N), running sum in c (fp32, row-major, same strides as
     out): first -> c = a @ b (c not read); last -> out = c + a @ b; else c += a @ b. cublas: torch.mm steps."""
@@ -144,11 +138,11 @@ def _mm_acc(a, b, c, out, first: bool, last: bool, n_fastest: bool, cublas: bool
     N = b.shape[1]
     if cublas:
         if first and last:
-            out.copy_(_mm_fp32(a, b))
+            out.copy_(mm_acc(a, b))
         elif first:
-            c.copy_(_mm_fp32(a, b))
+            c.copy_(mm_acc(a, b))
         else:
-            c.add_(_mm_fp32(a, b))
+            c.add_(mm_acc(a, b))
             if last and out.data_ptr() != c.data_ptr():
                 out.copy_(c)
         return
