@@ -223,15 +223,17 @@ def test_triton_rows_per_program(rows, monkeypatch):
     check_all("ln_pre", make_inputs((157,), 200, 24, seed=17), torch.bfloat16, "triton", "silu")
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["recompute", "triton"])
+def test_torch_compile_fullgraph(backend):
+    """No graph break through either op (Triton: also the seq_bn op that returns z for the backward)."""
     p = make_inputs((2, 5), 48, 3, seed=8)
     x, t = p["x"].float().requires_grad_(), p["res"].float()
     ws = [p[n].float() for n in ("w_down", "b_down", "w_up", "b_up", "ln_weight", "ln_bias")]
 
     def f(x, t):
-        y = effir.bottleneck_adapter(x, *ws[:4], activation="gelu", backend="recompute")
+        y = effir.bottleneck_adapter(x, *ws[:4], activation="gelu", backend=backend)
         return effir.bottleneck_adapter_layernorm(y, t, *ws, activation="silu", original_ln_before=True,
-                                                  backend="recompute")
+                                                  backend=backend)
 
     compiled = torch.compile(f, fullgraph=True)
     y = compiled(x, t)
