@@ -7,7 +7,8 @@
 
 Backends ("auto" resolves through effir.backends): "reference" (plain autograd), "recompute" (pure torch),
 "triton", "cuda". Every non-reference backend is one `effir::` custom op whose autograd saves only the
-inputs and the parameters; backward recomputes the r-wide intermediate.
+inputs and the parameters (Pfeiffer: their sum z = h + t instead of h and t; the Triton forward writes z itself,
+`effir::bottleneck_adapter_ln_pre_fwd`); backward recomputes the r-wide intermediate.
 """
 from __future__ import annotations
 
@@ -248,17 +249,19 @@ def bottleneck_adapter_layernorm(h: Tensor, input_tensor: Tensor, w_down: Tensor
         return bottleneck_adapter_layernorm_reference(
             h, input_tensor, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation=act, scaling=scaling,
             eps=float(eps), original_ln_before=bool(original_ln_before))
-    x2 = h.reshape(-1, d).contiguous()
-    r2 = input_tensor.reshape(-1, d).contiguous()
+    x2 = h.reshape(-1, d)
+    r2 = input_tensor.reshape(-1, d)
     params = [t.contiguous() for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias)]
     # The Pfeiffer output depends on z = h + t only, so with gradients the op saves z alone: written by the
-    # forward kernel itself where the backend can, else by one add here. Without gradients nothing is saved and
-    # the backend sums h + t on the fly.
+    # forward kernel itself where the backend can, else by one add here (contiguous whatever h and t are).
+    # Without gradients nothing is saved and the backend sums h + t on the fly.
     grad = torch.is_grad_enabled() and any(a.requires_grad for a in (h, input_tensor, *params))
     if original_ln_before and grad and _fused_sum(backend):
-        y = _ln_pre_fwd(x2, r2, *params, act, scaling, float(eps), backend)[0]
+        y = _ln_pre_fwd(x2.contiguous(), r2.contiguous(), *params, act, scaling, float(eps), backend)[0]
     else:
         if original_ln_before and grad and _summed_input(backend):
             x2, r2 = x2 + r2, None
-        y = _ln_fwd(x2, r2, *params, act, scaling, float(eps), bool(original_ln_before), backend)
+        else:
+            r2 = r2.contiguous()
+        y = _ln_fwd(x2.contiguous(), r2, *params, act, scaling, float(eps), bool(original_ln_before), backend)
     return y.view(h.shape)
