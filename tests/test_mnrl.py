@@ -1,0 +1,149 @@
+"""effir.losses.MultipleNegativesRankingLoss, the drop-in for sentence-transformers' loss: the same loss and
+gradients as sentence-transformers 5.7 (peers env), the ST formula in float64 through a model's feature dicts,
+label masking, every backend, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from effir.losses import MultipleNegativesRankingLoss
+from tests._errors import assert_no_worse_than_torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class _Encoder(nn.Module):
+    """A stand-in SentenceTransformer: feature dict {"x": (B, k)} -> {"sentence_embedding": (B, d)}."""
+
+    def __init__(self, k=11, d=19, dtype=torch.float64):
+        super().__init__()
+        self.proj = nn.Linear(k, d, dtype=dtype)
+
+    def forward(self, features):
+        return {"sentence_embedding": self.proj(features["x"])}
+
+
+def _features(n_cols, b=9, k=11, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(b, k, generator=g, dtype=dtype)} for _ in range(n_cols)]
+
+
+def _st_formula(embs, scale, cos, symmetric, labels=None):
+    """sentence-transformers' definition, written out: cross-entropy of scale * sim(anchor, [positives; negs])
+    with target = own positive (symmetric: averaged with positive -> anchors); labels mask same-label columns."""
+    if cos:
+        embs = [nn.functional.normalize(e, dim=-1) for e in embs]
+    q, p, *negs = embs
+    b = q.shape[0]
+    scores = scale * q @ torch.cat([p, *negs]).T
+    target = torch.arange(b)
+    if labels is not None:
+        same = labels[:, None] == labels[None, :]
+        same &= ~torch.eye(b, dtype=torch.bool)
+        scores[:, :b] = scores[:, :b].masked_fill(same, float("-inf"))
+    loss = nn.functional.cross_entropy(scores, target)
+    if symmetric:
+        back = scale * p @ q.T
+        if labels is not None:
+            back = back.masked_fill(same, float("-inf"))
+        loss = (loss + nn.functional.cross_entropy(back, target)) / 2
+    return loss
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("n_neg", [0, 2])
+@pytest.mark.parametrize("sim", ["cos_sim", "dot_score"])
+def test_matches_the_st_formula_through_the_model(backend, symmetric, n_neg, sim):
+    """forward(sentence_features, labels) runs the model on every column; loss and the model's parameter
+    gradients equal the formula's in float64."""
+    torch.manual_seed(3)
+    model = _Encoder()
+    feats = _features(2 + n_neg, seed=n_neg)
+    loss = MultipleNegativesRankingLoss(model, scale=20.0, similarity_fct=sim, symmetric=symmetric, backend=backend)
+    got = loss(feats, torch.zeros(9))
+    g_got = torch.autograd.grad(got, list(model.parameters()))
+    ref = _st_formula([model(f)["sentence_embedding"] for f in feats], 20.0, sim == "cos_sim", symmetric)
+    g_ref = torch.autograd.grad(ref, list(model.parameters()))
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mask_same_label(symmetric):
+    """Anchors with the same label (translations) are not each other's negatives; hard negatives never masked."""
+    g = torch.Generator().manual_seed(5)
+    embs = [torch.randn(8, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    loss = MultipleNegativesRankingLoss(nn.Identity(), scale=10.0, symmetric=symmetric, mask_same_label=True,
+                                        backend="reference")
+    got = loss.compute_loss_from_embeddings(embs, labels)
+    ref = _st_formula(embs, 10.0, True, symmetric, labels=labels)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    unmasked = MultipleNegativesRankingLoss(nn.Identity(), scale=10.0, symmetric=symmetric, backend="reference")
+    assert unmasked.compute_loss_from_embeddings(embs, labels) > got  # masking removed real candidates
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_backend(dtype):
+    """The fused Triton kernels (interpreter on CPU) under the drop-in, against float64 with the error rule."""
+    g = torch.Generator().manual_seed(11)
+    masters = [torch.randn(13, 24, generator=g, dtype=torch.float64) for _ in range(3)]
+    labels = torch.tensor([0, 1, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 9])
+
+    def run(backend, dt):
+        leaves = [m.to(dt).requires_grad_() for m in masters]
+        if backend is None:
+            value = _st_formula(leaves, 20.0, True, True, labels=labels)
+        else:
+            value = MultipleNegativesRankingLoss(nn.Identity(), symmetric=True, mask_same_label=True,
+                                                 backend=backend).compute_loss_from_embeddings(leaves, labels)
+        return value, torch.autograd.grad(value, leaves)
+
+    got, g_got = run("triton", dtype)
+    ref, g_ref = run(None, torch.float64)
+    same, g_same = run(None, dtype)
+    assert_no_worse_than_torch(f"mnrl triton {dtype} loss", got.reshape(1), ref.reshape(1), same.reshape(1), dtype)
+    for i, (a, b, c) in enumerate(zip(g_got, g_ref, g_same)):
+        assert_no_worse_than_torch(f"mnrl triton {dtype} grad {i}", a, b, c, dtype)
+
+
+def test_config_and_bad_input():
+    loss = MultipleNegativesRankingLoss(nn.Identity(), scale=25.0, similarity_fct="dot_score")
+    assert loss.temperature == pytest.approx(0.04)
+    assert loss.get_config_dict()["similarity_fct"] == "dot_score" and "henderson2017" in loss.citation
+    with pytest.raises(ValueError, match="similarity_fct"):
+        MultipleNegativesRankingLoss(nn.Identity(), similarity_fct="manhattan_sim")
+    with pytest.raises(ValueError, match="scale"):
+        MultipleNegativesRankingLoss(nn.Identity(), scale=0.0)
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="at least anchors and positives"):
+        loss.compute_loss_from_embeddings([x], None)
+    masked = MultipleNegativesRankingLoss(nn.Identity(), mask_same_label=True)
+    for bad in (None, torch.zeros(4), torch.zeros(3, dtype=torch.long)):
+        with pytest.raises(ValueError, match="labels must be a \\(4,\\) integer tensor"):
+            masked.compute_loss_from_embeddings([x, x], bad)
+    with pytest.raises(ValueError, match="p"):  # shapes are checked by effir.info_nce, naming the argument
+        loss.compute_loss_from_embeddings([x, x[:3]], None)
+
+
+def test_same_loss_and_gradients_as_sentence_transformers(peer_python):
+    """Against sentence-transformers 5.7 itself (peers env): MNRL and MNSRL, cos_sim and dot_score, with and
+    without hard negatives, the reference and chunked backends, float64."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([str(peer_python), str(REPO / "tests" / "_st_peer.py")], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert len(result) == 16
+    for case, r in result.items():
+        assert abs(r["effir"] - r["peer"]) <= 1e-12 * abs(r["peer"]), (case, r)
+        assert r["grad_max_abs_diff"] <= 1e-12 * r["grad_max_abs"], (case, r)
