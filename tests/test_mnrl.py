@@ -137,13 +137,16 @@ def test_config_and_bad_input():
 
 def test_same_loss_and_gradients_as_sentence_transformers(peer_python):
     """Against sentence-transformers 5.7 itself (peers env): MNRL and MNSRL, cos_sim and dot_score, with and
-    without hard negatives, the reference and chunked backends, float64."""
+    without hard negatives, the reference and chunked backends, float64; and through a tiny SentenceTransformer's
+    own forward (the trainer's call: feature dicts in, parameter gradients out)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([str(peer_python), str(REPO / "tests" / "_st_peer.py")], capture_output=True, text=True,
                           env=env, timeout=300, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
-    assert len(result) == 16
+    assert len(result) == 17
+    m = result["model"]
+    assert m["n_grads"][0] == m["n_grads"][1] > 10, m  # every parameter of the tiny model got its gradient
     for case, r in result.items():
         assert abs(r["effir"] - r["peer"]) <= 1e-12 * abs(r["peer"]), (case, r)
         assert r["grad_max_abs_diff"] <= 1e-12 * r["grad_max_abs"], (case, r)
