@@ -3,6 +3,7 @@
 Public API (imported lazily, so `import effir` stays cheap and never imports Triton by itself):
 
 - Loss: `info_nce`, `InfoNCELoss`                      (effir.losses.info_nce)
+  `MultipleNegativesRankingLoss` (sentence-transformers drop-in)  (effir.losses.mnrl)
 - Adapters: `bottleneck_adapter`, `bottleneck_adapter_layernorm`, `BottleneckAdapter`,
   `add_adapters`, `save_adapters`, `load_adapters`, `AdapterConfig` presets  (effir.adapters)
 - Encoders: `load_encoder`                              (effir.encoders)
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "info_nce": "effir.losses.info_nce",
     "InfoNCELoss": "effir.losses.info_nce",
+    "MultipleNegativesRankingLoss": "effir.losses.mnrl",
     "bottleneck_adapter": "effir.ops.bottleneck_adapter",
     "bottleneck_adapter_layernorm": "effir.ops.bottleneck_adapter",
     "BottleneckAdapter": "effir.adapters.modules",
