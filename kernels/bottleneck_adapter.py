@@ -3,7 +3,8 @@
 One kernel family covers three variants through constexpr flags (z = x + res when HAS_RES):
   plain              y = x + s*f(x)                                  (HAS_RES=0, PRE_LN=0, POST_LN=0)
   Houlsby / parallel y = LN(x + s*f(x) + res)                        (HAS_RES=1, PRE_LN=0, POST_LN=1)
-  Pfeiffer (seq_bn)  y = LN(z + s*f(LN(z)))       (PRE_LN=1, POST_LN=1; ops pass x = z, HAS_RES=0)
+  Pfeiffer (seq_bn)  y = LN(z + s*f(LN(z)))       (PRE_LN=1, POST_LN=1; forward: x = h, res = t, writing z;
+                                                   backward: x = z, HAS_RES=0)
 with f(u) = act(u @ Wdᵀ + bd) @ Wuᵀ + bu and one LayerNorm (weight, bias) used for both LNs.
 
 Forward: one program per BLOCK_M rows walks the row block in d-chunks of BLOCK_K columns: it accumulates
