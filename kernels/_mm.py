@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mm_unrounded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b (2-D) returned in fp32 for 16-bit and fp32 operands (16-bit products are never rounded on the way:
     cuBLAS with an fp32 output on a GPU; on CPU bf16 x bf16 products are exact in fp32), in fp64 for fp64."""
     if a.dtype == torch.float64:

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from kernels._knobs import env_choice
-from kernels._mm import mm_acc
+from kernels._mm import mm_unrounded
 
 ACT_IDS = {"relu": 0, "gelu": 1, "silu": 2}
 _N_STATS = 6  # mean1, rstd1, mean2, rstd2, c1 = mean(g), c2 = mean(g * vhat)  with g = dy * ln_weight
@@ -688,8 +688,8 @@ def _param_grads_gemm(dv, x, u, hbuf, dabuf, pcol, scaling: float, ln_grads: boo
     dabuf (input dtype), pcol (blocks, 3, d) column sums [s*dv, LN weight, LN bias]. dW_up = s (dvᵀ h),
     dW_down = daᵀ u: 16-bit GEMM operands as in torch's own bf16 autograd, fp32 accumulation and results (one
     rounding, to the parameters' dtype, by the caller); fp32 / fp64 exact. Block sums in a fixed order."""
-    dw_up = mm_acc(dv.t(), hbuf).mul_(scaling)  # fp32 (fp64) results, rounded once to the parameters' dtype
-    dw_down = mm_acc(dabuf.t(), u if u is not None else x)
+    dw_up = mm_unrounded(dv.t(), hbuf).mul_(scaling)  # fp32 (fp64) results, rounded once to the parameters' dtype
+    dw_down = mm_unrounded(dabuf.t(), u if u is not None else x)
     db_up = pcol[:, 0].sum(0)
     db_down = dabuf.sum(0, dtype=pcol.dtype)
     dlnw = pcol[:, 1].sum(0) if ln_grads else None

@@ -37,19 +37,21 @@ def _impl(backend: str):
     return importlib.import_module(_MODULES[backend])
 
 
-def _summed_input(backend: str) -> bool:
-    """Whether the backend takes z = h + t (res=None) for the Pfeiffer variant (see SUPPORTS_SUMMED_INPUT)."""
-    if backend in ("recompute", "triton"):
-        return True
-    return bool(getattr(_impl(backend), "SUPPORTS_SUMMED_INPUT", False))
+# What the built-in backends offer beyond the four required functions (docs/backends.md), known here without an
+# import: torch.compile does not trace imports. Other backends are asked through their module's attributes.
+_BUILTIN_EXTRAS = {
+    "recompute": {"SUPPORTS_SUMMED_INPUT"},
+    "triton": {"SUPPORTS_SUMMED_INPUT", "adapter_ln_pre_fwd"},
+}
 
 
-def _fused_sum(backend: str) -> bool:
-    """Whether the backend's Pfeiffer forward also writes z = h + t itself (`adapter_ln_pre_fwd`, docs/backends.md):
-    then no separate add kernel reads h and t and writes z before the op reads z again."""
-    if backend in ("recompute", "triton"):  # known without an import (torch.compile does not trace imports)
-        return backend == "triton"
-    return hasattr(_impl(backend), "adapter_ln_pre_fwd")
+def _offers(backend: str, extra: str) -> bool:
+    """Whether `backend` has `extra`: SUPPORTS_SUMMED_INPUT (the Pfeiffer variant may take z = h + t with
+    res=None) or adapter_ln_pre_fwd (its Pfeiffer forward writes z itself, so no add kernel reads h and t and
+    writes z before the op reads z again)."""
+    if backend in _BUILTIN_EXTRAS:
+        return extra in _BUILTIN_EXTRAS[backend]
+    return bool(getattr(_impl(backend), extra, False))
 
 
 # ---------------------------------------------------------------- plain adapter
@@ -256,10 +258,10 @@ def bottleneck_adapter_layernorm(h: Tensor, input_tensor: Tensor, w_down: Tensor
     # forward kernel itself where the backend can, else by one add here (contiguous whatever h and t are).
     # Without gradients nothing is saved and the backend sums h + t on the fly.
     grad = torch.is_grad_enabled() and any(a.requires_grad for a in (h, input_tensor, *params))
-    if original_ln_before and grad and _fused_sum(backend):
+    if original_ln_before and grad and _offers(backend, "adapter_ln_pre_fwd"):
         y = _ln_pre_fwd(x2.contiguous(), r2.contiguous(), *params, act, scaling, float(eps), backend)[0]
     else:
-        if original_ln_before and grad and _summed_input(backend):
+        if original_ln_before and grad and _offers(backend, "SUPPORTS_SUMMED_INPUT"):
             x2, r2 = x2 + r2, None
         else:
             r2 = r2.contiguous()

@@ -12,7 +12,7 @@ import triton
 
 from effir.backends import triton_interpret
 from kernels._knobs import env_choice
-from kernels._mm import mm_acc
+from kernels._mm import mm_unrounded
 
 from kernels.info_nce import _bwd_ddocs_kernel, _bwd_dq_kernel, _bwd_dscores_kernel, _fwd_kernel, _mm_acc_kernel
 
@@ -127,7 +127,9 @@ def _backward_blocked(q, docs, t, lse, g, qg_, dg_, has, sym, pos_offset):
 def gemm_engine() -> str:
     """EFFIR_TRITON_LOSS_GEMM: "triton" (default: `_mm_acc_kernel`) or "cublas" (torch.mm with fp32 output for
     16-bit inputs, the same fp32 accumulation). The first H100 run had the Triton GEMM steps at 53% of the
-    card's bf16 matmul rate, 8.2 of 17.6 ms; cuBLAS reaches ~99% on square 8192³ products. Timed side by side."""
+    card's bf16 matmul rate, 8.2 of 17.6 ms; cuBLAS reaches ~99% on square 8192³ products. Timed side by side;
+    read its time knowing that its steps after the first also add (and the last copies) the fp32 product in a
+    separate elementwise pass, which the Triton steps fold into their epilogue."""
     return env_choice("EFFIR_TRITON_LOSS_GEMM", ("triton", "cublas"), "triton")
 
 
@@ -138,11 +140,11 @@ def _mm_acc(a, b, c, out, first: bool, last: bool, n_fastest: bool, cublas: bool
     N = b.shape[1]
     if cublas:
         if first and last:
-            out.copy_(mm_acc(a, b))
+            out.copy_(mm_unrounded(a, b))
         elif first:
-            c.copy_(mm_acc(a, b))
+            c.copy_(mm_unrounded(a, b))
         else:
-            c.add_(mm_acc(a, b))
+            c.add_(mm_unrounded(a, b))
             if last and out.data_ptr() != c.data_ptr():
                 out.copy_(c)
         return
