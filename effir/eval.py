@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="multilingual-e5-small",
                    help="encoder name or directory (effir.load_encoder)")
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-    p.add_argument("--adapters", default=None, help="adapter directory written by effir.save_adapters")
+    p.add_argument("--adapters", default=None, help="adapter directory written by effir.save_adapters or by AdapterHub's save_adapter")
     p.add_argument("--output", required=True, help="JSON file to write")
     p.add_argument("--plot", default=None,
                    help="heatmap PNG path (default: the output path with .png); 'none' to skip")

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapters", choices=ADAPTERS, help="adapter type (default seq_bn); none = full fine-tuning")
     m.add_argument("--reduction-factor", type=float, help="adapter bottleneck reduction (default: the config's, 16 "
                                                           "for seq_bn)")
+    m.add_argument("--init-adapters", metavar="DIR", help="start from a saved adapter (effir.save_adapters or "
+                                                          "AdapterHub's save_adapter); its config sets the "
+                                                          "architecture")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     m.add_argument("--no-unpad", action="store_false", dest="unpad",
                    help="run the encoder on the padded batch (default: on real tokens only, same results)")

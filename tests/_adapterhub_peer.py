@@ -2,11 +2,14 @@
 
     python tests/_adapterhub_peer.py parity  '{"configs": [...], "backends": [...]}'   -> JSON on stdout
     python tests/_adapterhub_peer.py memory  '{"configs": [...], "layers": 12, ...}'   -> JSON on stdout
-    python tests/_adapterhub_peer.py all '{"parity": {...}, "memory": {...}}'            -> both
+    python tests/_adapterhub_peer.py interop '{"cases": [[preset, {overrides}], ...]}'   -> JSON on stdout
+    python tests/_adapterhub_peer.py all '{"parity": {...}, "memory": {...}, "interop": {...}}'  -> all three
 
 `parity`: a small random-weight XLM-R config with padding; the same backbone and the same (random, non-zero)
 adapter weights in both; returns max abs / rel differences of every hidden state and of the adapter-weight
-gradients. `memory`: bytes of the distinct tensors autograd saves during one training-step forward
+gradients. `interop`: adapters saved by AdapterHub loaded by effir.load_adapters and effir's saved with
+format="adapterhub" loaded by AdapterHub (into a model with a head), hidden states compared; AdapterHub configs
+effir cannot compute must fail to load with the field's name. `memory`: bytes of the distinct tensors autograd saves during one training-step forward
 (parameters excluded), for the frozen backbone alone, AdapterHub and effir.
 Needs effir importable (PYTHONPATH=<repo>).
 """
@@ -155,10 +158,85 @@ def memory(args: dict) -> dict:
     return res
 
 
+def _hidden(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def interop(args: dict) -> dict:
+    """For each [preset, overrides]: AdapterHub -> effir and effir -> AdapterHub, max abs hidden-state difference
+    against the model the adapter was saved from, and both sides' adapter parameter counts."""
+    import tempfile
+    import warnings
+
+    import adapters
+    from adapters import AdapterConfig as HubConfig
+    from transformers import XLMRobertaForSequenceClassification, XLMRobertaModel
+
+    import effir
+
+    conf = _config(layers=3)
+    ids, mask = _inputs(2, 11)
+    torch.manual_seed(0)
+    base = XLMRobertaModel(conf, add_pooling_layer=False).eval().state_dict()
+
+    def hub_model(head=False):
+        m = (XLMRobertaForSequenceClassification(conf) if head else XLMRobertaModel(conf, add_pooling_layer=False))
+        (m.roberta if head else m).load_state_dict(base)
+        adapters.init(m)
+        return m.eval()
+
+    def effir_model():
+        m = XLMRobertaModel(conf, add_pooling_layer=False)
+        m.load_state_dict(base)
+        return m.eval()
+
+    def n_params(model, tag):
+        return sum(p.numel() for n, p in model.named_parameters() if tag in n)
+
+    out = {}
+    g = torch.Generator().manual_seed(3)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (preset, overrides) in enumerate(args["cases"]):
+            key = f"{preset}/{json.dumps(overrides, sort_keys=True)}"
+            hub = hub_model()
+            hub.add_adapter("x", config=HubConfig.load(preset, **overrides))
+            hub.set_active_adapters("x")
+            with torch.no_grad():
+                for n, p in hub.named_parameters():
+                    if ".adapters.x." in n:
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            hub_dir, eff_dir = f"{tmp}/hub{i}", f"{tmp}/eff{i}"
+            # both of AdapterHub's weight files (its safetensors writer fails on ln_before's tied tensors)
+            hub.save_adapter(hub_dir, "x", use_safetensors=bool(i % 2) and not overrides.get("ln_before"))
+            eff = effir_model()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # a supported config loads without a fallback warning
+                    name = effir.load_adapters(eff, hub_dir, backend="reference")
+            except ValueError as e:
+                out[key] = {"error": str(e)}
+                continue
+            want = _hidden(hub, ids, mask)
+            got = _hidden(eff, ids, mask)
+            effir.save_adapters(eff, eff_dir, format="adapterhub")
+            hub2 = hub_model(head=True)
+            name2 = hub2.load_adapter(eff_dir)
+            hub2.set_active_adapters(name2)
+            back = _hidden(hub2.roberta, ids, mask)
+            out[key] = {"name": name, "name_back": name2, "hub_to_effir_max_abs": (got - want).abs().max().item(),
+                        "effir_to_hub_max_abs": (back - got).abs().max().item(),
+                        "adapter_output_change": (want - _hidden(effir_model(), ids, mask)).abs().max().item(),
+                        "params_hub": n_params(hub, ".adapters.x."), "params_effir": n_params(eff, "effir_adapters"),
+                        "params_back": n_params(hub2, ".adapters.x.")}
+    return out
+
+
 if __name__ == "__main__":
     cmd, payload = sys.argv[1], json.loads(sys.argv[2])
+    commands = {"parity": parity, "memory": memory, "interop": interop}
     if cmd == "all":
-        result = {"parity": parity(payload["parity"]), "memory": memory(payload["memory"])}
+        result = {k: commands[k](v) for k, v in payload.items()}
     else:
-        result = {"parity": parity, "memory": memory}[cmd](payload)
+        result = commands[cmd](payload)
     print("RESULT " + json.dumps(result))

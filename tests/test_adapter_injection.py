@@ -200,3 +200,128 @@ def test_sentence_transformers_model(tmp_path):
     emb = model(feats)["sentence_embedding"]
     emb.square().sum().backward()
     assert all((p.grad is not None) == ("effir_adapters" in n) for n, p in model.named_parameters())
+
+
+def test_leave_out_layers(tmp_path):
+    model = make("bert")
+    inputs = batch()
+    effir.add_adapters(model, "double_seq_bn", "lo", leave_out=[1], backend="recompute")
+    assert {(layer, loc) for layer, loc, m in find_adapter_sites(model) if "lo" in m.effir_adapters} == {
+        (0, "mh_adapter"), (0, "output_adapter")}
+    cfg = effir.adapters.resolve_config("double_seq_bn")
+    assert adapter_summary(model)["adapter_params"]["lo"] == expected_params(model, cfg) // 2
+    randomize_adapters(model, "lo")
+    with torch.no_grad():
+        want = model(**inputs).last_hidden_state
+    effir.save_adapters(model, tmp_path)
+    fresh = make("bert")
+    effir.load_adapters(fresh, tmp_path, backend="recompute")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).last_hidden_state, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"leave_out \[2\] names layers this model does not have.*0\.\.1"):
+        effir.add_adapters(make("bert"), "seq_bn", leave_out=[2])
+    with pytest.raises(ValueError, match="leave_out must be a list of layer indices"):
+        effir.add_adapters(make("bert"), "seq_bn", leave_out=[-1])
+
+
+@pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn", "par_bn"])
+def test_adapterhub_format_round_trip(tmp_path, config):
+    """save_adapters(format="adapterhub") writes AdapterHub's files and key names (the AdapterHub side is checked
+    in tests/test_adapterhub_parity.py); effir reads them back to the same outputs."""
+    model = make("xlmr")
+    inputs = batch()
+    effir.add_adapters(model, config, "ret", leave_out=[0], scaling=0.5, backend="recompute")
+    randomize_adapters(model, "ret")
+    with torch.no_grad():
+        want = model(**inputs).last_hidden_state
+    effir.save_adapters(model, tmp_path, format="adapterhub")
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["name"] == "ret" and meta["model_type"] == "xlm-roberta" and meta["hidden_size"] == 96
+    assert meta["version"].startswith("adapters.") and meta["config"]["leave_out"] == [0]
+    keys = sorted(torch.load(tmp_path / "pytorch_adapter.bin", weights_only=True))
+    assert keys[0].startswith("encoder.layer.1.") and ".adapters.ret.adapter_" in keys[0]
+    fresh = make("xlmr")
+    assert effir.load_adapters(fresh, tmp_path, backend="recompute") == "ret"
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).last_hidden_state, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="format must be 'effir' or 'adapterhub'"):
+        effir.save_adapters(model, tmp_path, format="peft")
+
+
+def _hub_dir(path, config: dict, tensors: dict, version=True, model_type="bert"):
+    """An AdapterHub-style adapter directory written by hand (no `adapters` import needed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"config": config, "hidden_size": 64, "model_type": model_type, "name": "h"}
+    if version:
+        meta["version"] = "adapters.1.3.0"
+    (path / "adapter_config.json").write_text(json.dumps(meta))
+    torch.save(tensors, path / "pytorch_adapter.bin")
+    return path
+
+
+def _hub_tensors(layers=2, d=64, r=4, extra=()):
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    for i in range(layers):
+        p = f"bert.encoder.layer.{i}.output.adapters.h."  # with a head model's base prefix
+        out[p + "adapter_down.0.weight"] = torch.randn(r, d, generator=g)
+        out[p + "adapter_down.0.bias"] = torch.randn(r, generator=g)
+        out[p + "adapter_up.weight"] = torch.randn(d, r, generator=g)
+        out[p + "adapter_up.bias"] = torch.randn(d, generator=g)
+        for name in extra:
+            out[p + name] = torch.randn(1, generator=g)
+    return out
+
+
+SEQ_BN_HUB = {"mh_adapter": False, "output_adapter": True, "reduction_factor": 16, "non_linearity": "relu",
+              "original_ln_before": True, "original_ln_after": True, "residual_before_ln": True, "scaling": 1.0,
+              "is_parallel": False, "ln_before": False, "ln_after": False, "use_gating": False, "leave_out": []}
+
+
+def test_adapterhub_dir_by_hand_loads_with_its_weights(tmp_path):
+    tensors = _hub_tensors()
+    _hub_dir(tmp_path, SEQ_BN_HUB, tensors)
+    model = make("bert")
+    assert effir.load_adapters(model, tmp_path, backend="recompute") == "h"
+    ad = model.encoder.layer[1].output.effir_adapters["h"]
+    torch.testing.assert_close(ad.up.weight, tensors["bert.encoder.layer.1.output.adapters.h.adapter_up.weight"],
+                               rtol=0, atol=0)
+    assert "h" not in model.encoder.layer[1].attention.output.effir_adapters
+    effir.save_adapters(model, tmp_path / "as_effir")  # AdapterHub's seq_bn fields are effir's seq_bn preset
+    assert json.loads((tmp_path / "as_effir" / "adapter_config.json").read_text())["config"]["name"] == "seq_bn"
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"architecture": "lora"}, "architecture 'lora' is not supported"),
+    ({"use_gating": True}, "use_gating=True is not supported"),
+    ({"ln_before": True}, "ln_before=True is not supported"),
+    ({"original_ln_after": False}, "original_ln_after=False is not supported"),
+    ({"residual_before_ln": "post_add"}, "residual_before_ln='post_add'"),
+    ({"scaling": "channel"}, "scaling='channel' is not supported"),
+    ({"reduction_factor": {"default": 16, "1": 8}}, "reduction_factor=.* one number for every layer"),
+    ({"non_linearity": "tanh"}, "non_linearity='tanh' is not supported"),
+])
+def test_adapterhub_configs_effir_cannot_compute(tmp_path, change, match):
+    _hub_dir(tmp_path, {**SEQ_BN_HUB, **change}, _hub_tensors())
+    with pytest.raises(ValueError, match=match):
+        effir.load_adapters(make("bert"), tmp_path)
+
+
+def test_adapterhub_legacy_and_fallbacks_are_said(tmp_path):
+    # adapter-transformers (no "version"): its "gelu" is the tanh approximation, "gelu_orig" the exact one
+    _hub_dir(tmp_path / "a", {**SEQ_BN_HUB, "non_linearity": "gelu"}, _hub_tensors(), version=False)
+    with pytest.raises(ValueError, match="tanh approximation"):
+        effir.load_adapters(make("bert"), tmp_path / "a")
+    _hub_dir(tmp_path / "b", {**SEQ_BN_HUB, "non_linearity": "gelu_orig"}, _hub_tensors(), version=False)
+    model = make("bert")
+    effir.load_adapters(model, tmp_path / "b", backend="recompute")
+    assert model.encoder.layer[0].output.effir_adapters["h"].activation == "gelu"
+    _hub_dir(tmp_path / "c", SEQ_BN_HUB, _hub_tensors(extra=("gate.weight",)))
+    with pytest.raises(ValueError, match="tensors effir does not compute.*gate.weight"):
+        effir.load_adapters(make("bert"), tmp_path / "c")
+    _hub_dir(tmp_path / "d", {**SEQ_BN_HUB, "dropout": 0.1, "init_weights": "houlsby"}, _hub_tensors(),
+             model_type="roberta")
+    with pytest.warns(UserWarning) as rec:
+        effir.load_adapters(make("bert"), tmp_path / "d", backend="recompute")
+    said = " ".join(str(w.message) for w in rec)
+    assert "dropout=0.1" in said and "init_weights='houlsby'" in said and "'roberta' model" in said

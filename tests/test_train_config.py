@@ -57,6 +57,9 @@ def test_config_file_errors(tmp_path):
     ({"sampling": "random"}, "--sampling"),
     ({"precision": "fp8"}, "--precision"),
     ({"resume": True}, "--resume needs --output-dir"),
+    ({"init_adapters": ".", "adapters": "none"}, "--init-adapters .* --adapters none"),
+    ({"init_adapters": ".", "reduction_factor": 8.0}, "--reduction-factor cannot change"),
+    ({"init_adapters": "/nonexistent/adapter"}, "--init-adapters: not a directory"),
 ])
 def test_validation_names_the_option(changes, match):
     with pytest.raises(ValueError, match=match):

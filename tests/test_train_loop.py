@@ -145,3 +145,36 @@ def test_cli_before_after_evaluation_round_trip(tiny, tmp_path, data_dir, monkey
     m2 = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert m2["before"]["xquad-r"]["cached"] is True
     assert m2["before"]["xquad-r"]["map"] == m["before"]["xquad-r"]["map"]
+
+
+def test_training_starts_from_a_saved_adapterhub_adapter(tiny, tmp_path):
+    """--init-adapters: an adapter in AdapterHub's format (a double_seq_bn, while --adapters keeps its seq_bn
+    default) is what trains: the first loss differs from the identity-initialised run's, the saved result is a
+    double_seq_bn, and it starts from the loaded weights."""
+    from effir import add_adapters, load_adapters, load_encoder, save_adapters
+    from effir.adapters import find_adapter_sites
+
+    enc = load_encoder(str(tiny["nodrop"]))
+    add_adapters(enc.model, "double_seq_bn", "hub", reduction_factor=4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in enc.model.named_parameters():
+            if "effir_adapters.hub." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    start = {n: p.detach().clone() for n, p in enc.model.named_parameters() if "effir_adapters" in n}
+    save_adapters(enc.model, tmp_path / "hub", format="adapterhub")
+
+    fresh = run(_cfg(tiny, tmp_path / "fresh", model=str(tiny["nodrop"]), reduction_factor=None, steps=2))
+    init = run(_cfg(tiny, tmp_path / "init", model=str(tiny["nodrop"]), reduction_factor=None, steps=2,
+                    init_adapters=str(tmp_path / "hub")))
+    assert init["exit_code"] == 0 and init["parameters"]["trainable"] == sum(t.numel() for t in start.values())
+    assert losses(tmp_path / "init")[0][1] != losses(tmp_path / "fresh")[0][1]
+    saved = json.loads((tmp_path / "init" / "adapters" / "adapter_config.json").read_text())
+    cfg = saved["config"]
+    assert saved["name"] == "hub" and cfg["mh_adapter"] and cfg["non_linearity"] == "swish"
+    assert cfg["reduction_factor"] == 4
+    trained = load_encoder(str(tiny["nodrop"]))
+    load_adapters(trained.model, tmp_path / "init" / "adapters")
+    params = dict(trained.model.named_parameters())
+    moved = [float((params[n] - t).abs().max()) for n, t in start.items()]
+    assert len(find_adapter_sites(trained.model)) == 4 and 0 < max(moved) < 0.1  # trained from there, a little

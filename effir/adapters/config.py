@@ -26,6 +26,7 @@ class AdapterConfig:
     is_parallel: the adapter reads the sub-block input (parallel to it) instead of its output.
     init_weights: "bert" (down N(0, 0.02)) or "mam_adapter" (down Kaiming-uniform); the up-projection
     always starts at zero, so a new adapter is the identity.
+    leave_out: encoder layer indices (0-based) that get no adapter.
     """
 
     mh_adapter: bool = False
@@ -37,8 +38,15 @@ class AdapterConfig:
     is_parallel: bool = False
     init_weights: str = "bert"
     architecture: str = "bottleneck"
+    leave_out: tuple[int, ...] = ()
 
     def __post_init__(self):
+        leave_out = self.leave_out
+        if not isinstance(leave_out, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in leave_out):
+            raise ValueError(f"leave_out must be a list of layer indices >= 0, got {leave_out!r}")
+        # a tuple, whatever came in (a JSON list): the dataclass stays frozen and hashable
+        object.__setattr__(self, "leave_out", tuple(sorted(set(leave_out))))
         canonical_activation(self.non_linearity)  # raises ValueError naming the choices
         if not (isinstance(self.reduction_factor, (int, float)) and self.reduction_factor > 0):
             raise ValueError(f"reduction_factor must be a positive number, got {self.reduction_factor!r}")
@@ -55,7 +63,12 @@ class AdapterConfig:
         return max(1, int(hidden_size // self.reduction_factor))
 
     def to_dict(self) -> dict:
-        return {"name": _NAME_OF.get(type(self), "custom"), **dataclasses.asdict(self)}
+        """The fields, and "name": the preset this is (by class, or by equal fields: a config read from another
+        library's file), else "custom"."""
+        fields = dataclasses.asdict(self)
+        name = _NAME_OF.get(type(self)) or next(
+            (n for cls, n in _NAME_OF.items() if dataclasses.asdict(cls()) == fields), "custom")
+        return {"name": name, **fields}
 
     @classmethod
     def from_dict(cls, data: dict) -> "AdapterConfig":

@@ -84,6 +84,10 @@ def add_adapters(model: nn.Module, config="seq_bn", name: str = "default", *, ba
                          "(modules with .attention.output and .output each holding dense, dropout, LayerNorm, "
                          f"post-LayerNorm). Supported: {', '.join(SUPPORTED)}")
     d = _hidden_size(model, sites)
+    n_layers = sites[-1][0] + 1
+    if any(i >= n_layers for i in cfg.leave_out):
+        raise ValueError(f"leave_out {list(cfg.leave_out)} names layers this model does not have (it has "
+                         f"{n_layers}: 0..{n_layers - 1})")
     if hidden_size is not None and hidden_size != d:
         raise ValueError(f"hidden size mismatch: the adapter expects hidden_size={hidden_size}, the model's "
                          f"layers have {d}")
@@ -96,12 +100,12 @@ def add_adapters(model: nn.Module, config="seq_bn", name: str = "default", *, ba
     if name in state.configs:
         raise ValueError(f"an adapter named {name!r} already exists; existing: {sorted(state.configs)}")
     state.configs[name] = cfg
-    for _, loc, module in sites:
+    for layer, loc, module in sites:
         if not hasattr(module, "effir_adapters"):
             module.effir_adapters = nn.ModuleDict()
             module._effir_state = state
             module.forward = types.MethodType(_adapted_forward, module)
-        if getattr(cfg, loc):
+        if getattr(cfg, loc) and layer not in cfg.leave_out:
             ref = module.LayerNorm.weight
             module.effir_adapters[name] = BottleneckAdapter(
                 d, cfg.reduction_factor, cfg.non_linearity, cfg.scaling, backend=backend,

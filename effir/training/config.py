@@ -30,6 +30,9 @@ class TrainConfig:
     model: str = "multilingual-e5-small"  # the embedded default: multilingual-e5-small, 4-bit weights
     adapters: str = "seq_bn"  # "none" = full fine-tuning
     reduction_factor: float | None = None  # None: the adapter config's own default (16 for seq_bn)
+    # an adapter directory to start from (effir.save_adapters or AdapterHub's save_adapter); its saved config
+    # sets the architecture, so --adapters / --reduction-factor do not apply
+    init_adapters: str | None = None
     gradient_checkpointing: bool = False
     unpad: bool = True  # encoder runs on real tokens only (effir.encoders.packed); False: the padded forward
     # data
@@ -153,6 +156,15 @@ class TrainConfig:
             raise ValueError("give either --steps or --epochs, not both")
         if not self.sources:
             raise ValueError("--sources must name at least one training source")
+        if self.init_adapters is not None:
+            if not self.train_adapters:
+                raise ValueError("--init-adapters starts adapter training from a saved adapter; it cannot go with "
+                                 "--adapters none (full fine-tuning)")
+            if self.reduction_factor is not None:
+                raise ValueError("--reduction-factor cannot change an adapter loaded by --init-adapters (its saved "
+                                 "config sets the architecture)")
+            if not Path(self.init_adapters).is_dir():
+                raise ValueError(f"--init-adapters: not a directory: {self.init_adapters}")
         if self.resume and not self.output_dir:
             raise ValueError("--resume needs --output-dir (the run folder holding checkpoint/)")
         return self

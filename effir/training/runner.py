@@ -136,7 +136,11 @@ def total_steps_for(cfg: TrainConfig, sampler) -> int:
 
 
 def attach_adapters(cfg: TrainConfig, encoder) -> None:
-    if cfg.train_adapters:
+    if cfg.train_adapters and cfg.init_adapters is not None:
+        from effir import load_adapters
+
+        load_adapters(encoder.model, cfg.init_adapters)  # active and trainable, the backbone frozen
+    elif cfg.train_adapters:
         from effir import add_adapters
 
         kwargs = {} if cfg.reduction_factor is None else {"reduction_factor": cfg.reduction_factor}
@@ -290,7 +294,7 @@ def _report(cfg: TrainConfig, metrics: dict, out: Path, print_fn) -> None:
     tr = metrics["training"]
     params = metrics.get("parameters", {})
     print_fn(f"\nmodel: {cfg.model}{' (multilingual-e5-small, 4-bit weights)' if cfg.model == 'multilingual-e5-small' else ''}; "
-             f"adapters: {cfg.adapters}; sampling: {cfg.sampling} (alpha {cfg.alpha}); "
+             f"adapters: {cfg.adapters if cfg.init_adapters is None else 'from ' + cfg.init_adapters}; sampling: {cfg.sampling} (alpha {cfg.alpha}); "
              f"trainable parameters: {params.get('trainable', 0):,} of {params.get('total', 0):,}")
     eps, tps = tr.get("examples_per_s"), tr.get("tokens_per_s")
     print_fn(f"training: {tr['steps_done']} steps in {tr['train_wall_s']:.1f} s"
