@@ -4,6 +4,8 @@ MultipleNegativesRankingLoss / MultipleNegativesSymmetricRankingLoss on the same
     python tests/_st_peer.py   -> "RESULT {json}" on stdout: per case, the loss of each and the largest gradient
                                   difference (abs) over anchors, positives and hard negatives; "model": the
                                   same through a tiny SentenceTransformer's forward (parameter gradients)
+    python tests/_st_peer.py trainer -> "RESULT {json}": SentenceTransformerTrainer runs with each library's loss
+                                  on the same model, data and seed: per-step losses, final parameters, model card
 Needs effir importable (PYTHONPATH=<repo>).
 """
 from __future__ import annotations
@@ -51,27 +53,11 @@ def main():
 def _through_a_model() -> dict:
     """forward(sentence_features, labels) on a real (tiny, random-weight, float64) SentenceTransformer: anchors,
     positives and a hard-negative column tokenised by the model; loss and every parameter gradient."""
-    import os
-    import tempfile
-
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers import models as stm
     from sentence_transformers.sentence_transformer import losses as st
-    from transformers import BertConfig, BertModel, BertTokenizerFast
 
     from effir.losses import MultipleNegativesRankingLoss
 
-    with tempfile.TemporaryDirectory() as d:
-        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "the cat dog sun car he it a big".split()
-        with open(os.path.join(d, "vocab.txt"), "w") as fh:
-            fh.write("\n".join(words))
-        BertTokenizerFast(vocab_file=os.path.join(d, "vocab.txt")).save_pretrained(d)
-        torch.manual_seed(0)
-        BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=32)).save_pretrained(d)
-        tr = stm.Transformer(d, max_seq_length=16)
-        model = SentenceTransformer(modules=[tr, stm.Pooling(tr.get_word_embedding_dimension())], device="cpu")
-    model = model.double()
+    model = _tiny_model().double()
     cols = [["the cat", "a big dog", "he sun", "it big car"], ["cat the", "dog big", "sun", "car it a"],
             ["a cat", "the the", "big sun", "it"]]
     prep = getattr(model, "preprocess", None) or model.tokenize
@@ -87,5 +73,85 @@ def _through_a_model() -> dict:
             "grad_max_abs": max(g.abs().max().item() for g in res[0][1])}
 
 
+WORDS = "the cat dog sun car he it a big red old new sky sea".split()
+
+
+def _tiny_model(seed=0):
+    """A random-weight one-layer BERT SentenceTransformer (mean pooling) with a word-level vocabulary."""
+    import os
+    import tempfile
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as stm
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    with tempfile.TemporaryDirectory() as d:
+        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+        with open(os.path.join(d, "vocab.txt"), "w") as fh:
+            fh.write("\n".join(words))
+        BertTokenizerFast(vocab_file=os.path.join(d, "vocab.txt")).save_pretrained(d)
+        torch.manual_seed(seed)
+        BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=32)).save_pretrained(d)
+        tr = stm.Transformer(d, max_seq_length=16)
+        return SentenceTransformer(modules=[tr, stm.Pooling(tr.get_word_embedding_dimension())], device="cpu")
+
+
+def trainer():
+    """The drop-in where users put it: `SentenceTransformerTrainer(loss=...)`. Same float64 model, (anchor,
+    positive, negative) dataset, seed and arguments; 4 AdamW steps with sentence-transformers' MNRL and MNSRL and
+    with effir's (reference and chunked backends). Returns the logged per-step losses, the largest parameter
+    difference after training, and whether the saved model card names the loss."""
+    import random
+    import tempfile
+
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer import losses as st
+
+    from effir.losses import MultipleNegativesRankingLoss
+
+    rng = random.Random(0)
+    sent = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))  # noqa: E731
+    data = Dataset.from_dict({k: [sent() for _ in range(24)] for k in ("anchor", "positive", "negative")})
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for symmetric in (False, True):
+            runs = {}
+            peer_cls = st.MultipleNegativesSymmetricRankingLoss if symmetric else st.MultipleNegativesRankingLoss
+            cols = ["anchor", "positive"] if symmetric else ["anchor", "positive", "negative"]
+            for who in ("peer", "reference", "chunked"):
+                model = _tiny_model().double()
+                loss = (peer_cls(model) if who == "peer"
+                        else MultipleNegativesRankingLoss(model, symmetric=symmetric, backend=who))
+                args = SentenceTransformerTrainingArguments(
+                    output_dir=f"{tmp}/{who}", max_steps=4, per_device_train_batch_size=6, learning_rate=1e-3,
+                    warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", seed=0, use_cpu=True,
+                    dataloader_drop_last=True, disable_tqdm=True)
+                tr = SentenceTransformerTrainer(model=model, args=args, train_dataset=data.select_columns(cols),
+                                                loss=loss)
+                tr.train()
+                model.save_pretrained(f"{tmp}/{who}/final")
+                with open(f"{tmp}/{who}/final/README.md") as fh:
+                    card = fh.read()
+                runs[who] = {"losses": [r["loss"] for r in tr.state.log_history if "loss" in r],
+                             "params": [p.detach().clone() for p in model.parameters()],
+                             "card_names_loss": "MultipleNegatives" in card}
+            start = [p.detach() for p in _tiny_model().double().parameters()]
+            for who in ("reference", "chunked"):
+                out[f"{'sym' if symmetric else 'fwd'}/{who}"] = {
+                    "peer_losses": runs["peer"]["losses"], "effir_losses": runs[who]["losses"],
+                    "param_max_abs_diff": max((a - b).abs().max().item()
+                                              for a, b in zip(runs["peer"]["params"], runs[who]["params"])),
+                    "param_max_moved": max((a - b).abs().max().item() for a, b in zip(runs["peer"]["params"], start)),
+                    "card_names_loss": runs[who]["card_names_loss"]}
+    return out
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["trainer"]:
+        print("RESULT " + json.dumps(trainer()))
+    else:
+        main()

@@ -150,3 +150,21 @@ def test_same_loss_and_gradients_as_sentence_transformers(peer_python):
     for case, r in result.items():
         assert abs(r["effir"] - r["peer"]) <= 1e-12 * abs(r["peer"]), (case, r)
         assert r["grad_max_abs_diff"] <= 1e-12 * r["grad_max_abs"], (case, r)
+
+
+def test_sentence_transformers_trainer_trains_the_same_model(peer_python):
+    """In SentenceTransformerTrainer (peers env: sentence-transformers 5.7, datasets, accelerate): 4 AdamW steps
+    on a float64 model with effir's loss (reference and chunked backends) give the logged losses and the final
+    parameters of the same run with sentence-transformers' own MNRL / MNSRL, and the saved model card names it."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([str(peer_python), str(REPO / "tests" / "_st_peer.py"), "trainer"], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert sorted(result) == ["fwd/chunked", "fwd/reference", "sym/chunked", "sym/reference"]
+    for case, r in result.items():
+        assert len(r["peer_losses"]) == 4 and r["effir_losses"] == r["peer_losses"], (case, r)
+        assert r["param_max_moved"] > 1e-4, (case, r)  # training moved the weights: the comparison means something
+        # float64 through the model and 4 AdamW steps: measured ~5e-12 of how far the weights moved
+        assert r["param_max_abs_diff"] <= 1e-9 * r["param_max_moved"], (case, r)
+        assert r["card_names_loss"], (case, r)
