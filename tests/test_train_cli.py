@@ -54,6 +54,25 @@ def test_two_process_loss_curve_matches_one_process(tiny, tmp_path):
     assert m1["training"]["examples"] == m2["training"]["examples"] == 32
 
 
+def test_two_process_grad_cache_matches_one_process(tiny, tmp_path):
+    """--mini-batch-size under torchrun (2 gloo processes, 2 texts per chunk): no DDP wrapper, one all-reduce
+    of the gradients per step; the loss curve and learned temperature are the one-process whole-batch run's."""
+    one = subprocess.run([sys.executable, "-m", "effir.train", *_args(tiny, tmp_path / "one")], env=_env(),
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "effir.train", *_args(tiny, tmp_path / "two", "--mini-batch-size", "2")],
+                         env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (_, x), (_, y) in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-5), (a, b)
+    assert len({round(x, 4) for _, x in a}) > 1
+    ta, tb = _temperatures(tmp_path / "one"), _temperatures(tmp_path / "two")
+    assert tb == pytest.approx(ta, rel=1e-5) and ta[-1] != pytest.approx(0.05, rel=1e-4)
+
+
 def _temperatures(run_dir):
     from effir.training.metrics_log import read_jsonl
 

@@ -51,6 +51,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.1  # < 1: fraction of the steps; >= 1: number of steps
     max_grad_norm: float | None = 1.0
+    # GradCache: the encoder works through this many texts at a time (memory independent of batch_size, the
+    # same gradients, one extra encoder forward); None: the whole per-rank batch at once
+    mini_batch_size: int | None = None
     temperature: float = 0.05
     learnable_temperature: bool = False
     steps: int | None = None  # optimizer steps; None: from `epochs`, or the default budget
@@ -150,6 +153,9 @@ class TrainConfig:
         positive("epochs", self.epochs)
         positive("eval_max_paragraphs", self.eval_max_paragraphs)
         positive("save_every", self.save_every, allow_zero=True)
+        if self.mini_batch_size is not None and (not isinstance(self.mini_batch_size, int)
+                                                 or isinstance(self.mini_batch_size, bool) or self.mini_batch_size < 1):
+            raise ValueError(f"--mini-batch-size must be a positive integer, got {self.mini_batch_size!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"--steps must be a positive integer, got {self.steps!r}")
         if self.steps is not None and self.epochs is not None:

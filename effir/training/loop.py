@@ -3,6 +3,10 @@
 One optimizer step per sampler batch. Under torchrun every rank encodes its slice of the global batch
 and the loss gathers the passages of all ranks (`InfoNCELoss(gather=True)`), so each query sees the whole
 global batch as negatives; DDP averages the trainable gradients (adapters, or the whole model).
+With `--mini-batch-size N` the step runs as GradCache (`grad_cache.py`): the encoder works through N texts at
+a time, so activation memory no longer grows with the batch; the gradients are the whole batch's, averaged
+over ranks by one all-reduce after the step's backward (no DDP wrapper: its hooks expect one backward per
+forward).
 
 Exactness of `--resume`: the checkpoint carries the sampler position, optimizer, scheduler, GradScaler and
 every RNG; the loop restores them right before the first step, after anything (evaluation) that could
@@ -21,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from . import grad_cache
 from .config import TrainConfig
 from .distributed import RunContext, all_reduce_sum
 from .metrics_log import JsonlLog
@@ -253,7 +258,12 @@ class Trainer:
             gather=ctx.distributed,
         ).to(ctx.device)
         self.module = DualEncoderLoss(encoder, loss, self.precision, ctx.device)
-        if ctx.distributed:
+        if ctx.distributed and cfg.mini_batch_size:
+            self.model = self.module
+            for p in self.module.parameters():  # what DDP's constructor does: every rank starts from rank 0's
+                if p.requires_grad:
+                    dist.broadcast(p.data, 0)
+        elif ctx.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 broadcast_buffers=False,
@@ -343,9 +353,13 @@ class Trainer:
         q, p, groups, (q_tokens, p_tokens) = self._tokenize(queries, passages, group_ids)
         tokens = q_tokens + p_tokens
         self.model.train()
-        loss = self.model(q, p, groups)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if self.cfg.mini_batch_size:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._grad_cache_backward(q, p, groups)
+        else:
+            loss = self.model(q, p, groups)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
         if self.cfg.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
@@ -361,6 +375,32 @@ class Trainer:
         return StepRecord(self.step, loss_sum / self.ctx.world_size, lr, int(n_examples), int(n_tokens),
                           time.perf_counter() - t0, temp, tuple(q["input_ids"].shape), tuple(p["input_ids"].shape),
                           q_tokens, p_tokens)
+
+    def _grad_cache_backward(self, q: dict, p: dict, groups: torch.Tensor) -> torch.Tensor:
+        """The step's loss and backward as GradCache: embeddings without autograd in chunks of
+        --mini-batch-size texts, the loss's gradient with respect to them, then each chunk re-embedded (same
+        RNG) and backpropagated. Gradients end up as the whole-batch step's (averaged over ranks)."""
+        m, dev = self.module, self.ctx.device
+        loss = grad_cache.dual_encoder_backward(m.encoder, m.loss, q, p, groups, self.cfg.mini_batch_size, dev,
+                                                autocast=lambda: autocast_context(self.precision, dev),
+                                                scale=self.scaler.scale)
+        if self.ctx.distributed:
+            self._average_grads()
+        return loss
+
+    def _average_grads(self) -> None:
+        """DDP's gradient average, as one all-reduce of the flattened trainable gradients."""
+        for p in self.trainable:
+            if p.grad is None:  # every rank must reduce the same shapes
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.trainable]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.ctx.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     # ---- the loop -------------------------------------------------------------------------------------
     def train(self, on_step: Callable[[StepRecord], None] | None = None) -> TrainResult:

@@ -1,0 +1,116 @@
+"""GradCache (Gao et al. 2021, arXiv 2101.06983): a contrastive step over a batch of any size with the
+activation memory of `mini_batch_size` texts, and the same gradients as the whole-batch step.
+
+In-batch negatives tie every text of a batch to every other, so a batch cannot be cut into gradient-accumulation
+pieces. GradCache cuts the encoder's work instead:
+  1. `embed_without_graph`: embed the batch in chunks of `mini_batch_size` texts without autograd (no activations
+     kept), recording each chunk's RNG state;
+  2. the caller takes the loss on the (B, H) embeddings as leaves and backpropagates to them (the fused loss
+     itself needs only O(B·H) memory);
+  3. `backward_through_chunks`: re-embed each chunk with autograd from its recorded RNG state (dropout draws
+     the same masks, so the embeddings are the ones the loss saw) and backpropagate the cached (chunk, H)
+     gradient into the encoder, one chunk's activations alive at a time.
+Cost: one extra forward pass of the encoder (about a third more compute than forward + backward).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+Features = dict[str, torch.Tensor]
+
+
+class RngReplay:
+    """The CPU RNG state and, on a GPU, `device`'s CUDA RNG state, taken at construction. `with replay:` runs its
+    body from those states and afterwards puts the global RNG back where it was, so replaying does not change
+    what later code draws."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self._fork = None
+
+    def __enter__(self):
+        self._fork = torch.random.fork_rng(devices=[self.device] if self.cuda is not None else [])
+        self._fork.__enter__()
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        return self
+
+    def __exit__(self, *exc):
+        fork, self._fork = self._fork, None
+        return fork.__exit__(*exc)
+
+
+def split_rows(features: Features, mini_batch_size: int) -> list[Features]:
+    """Cut tokenizer output ((B, T) tensors with an "attention_mask") into chunks of at most `mini_batch_size`
+    rows. A chunk drops the trailing columns that are padding in all of its rows, so a chunk of short texts
+    is embedded at its own width (the embeddings do not change: those positions are masked)."""
+    if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+        raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
+    mask = features.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError("features must hold a (B, T) 'attention_mask' tensor (tokenizer output), got "
+                         f"{None if mask is None else tuple(getattr(mask, 'shape', ()))}")
+    b, t = mask.shape
+    chunks = []
+    for begin in range(0, b, mini_batch_size):
+        end = min(begin + mini_batch_size, b)
+        used = mask[begin:end].any(dim=0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else t
+        chunks.append({k: (v[begin:end, :width] if v.dim() == 2 and v.shape[1] == t else v[begin:end])
+                       for k, v in features.items()})
+    return chunks
+
+
+def embed_without_graph(encode: Callable[..., torch.Tensor], features: Features, mini_batch_size: int,
+                        device: torch.device) -> tuple[torch.Tensor, list[Features], list[RngReplay]]:
+    """Step 1. Returns (embeddings (B, H) as a leaf that requires grad, the chunks, their RNG states).
+    `encode(**chunk)` -> (chunk, H); it runs under whatever autocast the caller holds."""
+    chunks = split_rows(features, mini_batch_size)
+    states, parts = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(RngReplay(device))
+            parts.append(encode(**chunk))
+    return torch.cat(parts).requires_grad_(True), chunks, states
+
+
+def backward_through_chunks(encode: Callable[..., torch.Tensor], chunks: list[Features], states: list[RngReplay],
+                            grad: torch.Tensor) -> None:
+    """Step 3. Re-embed every chunk from its RNG state with autograd and backpropagate its rows of `grad`
+    ((B, H), the gradient of the loss with respect to step 1's embeddings) into the encoder's parameters."""
+    begin = 0
+    for chunk, state in zip(chunks, states):
+        n = chunk["attention_mask"].shape[0]
+        with state, torch.enable_grad():
+            emb = encode(**chunk)
+        emb.backward(grad[begin:begin + n].to(emb.dtype))
+        begin += n
+    if begin != grad.shape[0]:
+        raise ValueError(f"grad has {grad.shape[0]} rows, the chunks {begin}")
+
+
+def dual_encoder_backward(encoder: Callable[..., torch.Tensor], loss_fn: Callable[..., torch.Tensor], q: Features,
+                          p: Features, groups: torch.Tensor, mini_batch_size: int, device: torch.device, *,
+                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                          scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss) -> torch.Tensor:
+    """One dual-encoder contrastive step's forward and backward as GradCache; returns the loss (detached).
+
+    encoder(**features) -> (B, H) embeddings for queries `q` and passages `p` (tokenizer output, (B, T));
+    loss_fn(q_emb, p_emb, query_groups=groups, doc_groups=groups) -> scalar (e.g. effir.InfoNCELoss);
+    autocast: a context for the encoder passes (mixed precision); scale: applied to the loss before backward
+    (a GradScaler's `scale`). Parameter gradients are accumulated into .grad as loss.backward() would."""
+    with autocast():
+        qe, q_chunks, q_rng = embed_without_graph(encoder, q, mini_batch_size, device)
+        pe, p_chunks, p_rng = embed_without_graph(encoder, p, mini_batch_size, device)
+    loss = loss_fn(qe, pe, query_groups=groups, doc_groups=groups)
+    scale(loss).backward()  # to the embeddings (and the loss's own parameters, e.g. a learnable temperature)
+    with autocast():
+        backward_through_chunks(encoder, q_chunks, q_rng, qe.grad)
+        backward_through_chunks(encoder, p_chunks, p_rng, pe.grad)
+    return loss.detach()
