@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sampling", choices=SAMPLING, help="mono = X-X-mono, cross = X-Y, hybrid (default)")
     d.add_argument("--alpha", type=float, help="hybrid: probability of a monolingual batch (default 0.5)")
     d.add_argument("--language-weights", choices=("uniform", "size"), help="language draw for mono batches")
+    d.add_argument("--hard-negatives", type=int, metavar="K", help="K extra negatives per pair: the other sentences "
+                                                                  "of the answer's paragraph where the source has "
+                                                                  "them, else random same-language passages "
+                                                                  "(default 0)")
     d.add_argument("--batch-size", type=int, help="global batch: pairs per step over all processes (default 32)")
     d.add_argument("--max-length", type=int, dest="max_length_both", help="max tokens for queries and passages")
     d.add_argument("--max-query-length", type=int, help="max query tokens (default 32)")

@@ -163,6 +163,21 @@ def test_squad_malformed_records(tmp_path):
         L.load_tquad(files=[path], on_error="ignore")
 
 
+def test_squad_hard_negatives_are_the_paragraphs_other_sentences(tmp_path):
+    path = _squad(tmp_path, "neg.json", [
+        {"id": "a", "question": "What is it?", "answers": [{"text": "forty two", "answer_start": 35}]},
+        {"id": "b", "question": "Which first?", "answers": [{"text": "First", "answer_start": 0}]}])
+    groups, _ = L.load_tquad(files=[path])
+    assert groups[0].negatives == {"tr": ("First sentence here.", "Last one.")}
+    assert groups[1].negatives == {"tr": ("The answer is forty two.", "Last one.")}
+    # JSONL keeps them; a group without negatives writes none
+    back, _ = G.read_jsonl(G.write_jsonl(groups + [ParallelGroup("x", "s", {"en": ("Q", "P")})], tmp_path / "n.jsonl"))
+    assert back[0].negatives == groups[0].negatives and back[2].negatives == {}
+    bad = {"group_id": "g", "source": "s", "items": {"en": {"question": "q", "passage": "p", "negatives": ["", "x"]}}}
+    with pytest.raises(MalformedRecord, match=r"items\['en'\]\['negatives'\] must be a list of non-empty"):
+        G.from_records([bad], on_error="raise")
+
+
 def test_iapp_zip_and_bipar_pairs(tmp_path):
     zpath = tmp_path / "data.zip"
     good = {"question_id": "q1", "question": "คืออะไร", "context": "ประโยคแรก คำตอบอยู่ที่นี่",

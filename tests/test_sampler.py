@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import effir
-from effir.data.batching import collate
+from effir.data.batching import HardNegatives, collate
 from effir.data.groups import ParallelGroup
-from effir.data.sampler import Batch, HybridBatchSampler
+from effir.data.sampler import Batch, BatchItem, HybridBatchSampler
 
 LANGS = ["ar", "de", "en", "es", "hi", "ru", "th", "tr", "zh"]
 
@@ -250,6 +250,50 @@ def test_collate_ids_agree_across_ranks():
         for i in range(len(ids)):
             for j in range(len(ids)):
                 assert bool(ids[i] == ids[j]) == (p[i] == p[j])
+
+
+def test_hard_negatives_own_first_then_filled_and_masked_right():
+    # g0 has two own negatives, one of them g1's positive text (a duplicate: masked for g1's query only);
+    # g2 has none (filled from other English groups); g3's single negative plus one filler
+    groups = [ParallelGroup("g0", "s", {"en": ("Q0", "P0.")}, negatives={"en": ("P1.", "N0.")}),
+              ParallelGroup("g1", "s", {"en": ("Q1", "P1.")}),
+              ParallelGroup("g2", "s", {"en": ("Q2", "P2."), "de": ("F2", "A2.")}),
+              ParallelGroup("g3", "s", {"en": ("Q3", "P3.")}, negatives={"en": ("N3.",)})]
+    groups += [ParallelGroup(f"o{i}", "s", {"en": (f"QO{i}", f"PO{i}.")}) for i in range(20)]
+    batch = Batch("mono", tuple(BatchItem(i, "en", "en") for i in range(4)), tuple(BatchItem(i, "en", "en")
+                                                                                   for i in range(4)), "en", 0, 5)
+    hn = HardNegatives(groups, 2)
+    texts, ids = hn(batch)
+    assert len(texts) == ids.shape[0] == 8 and ids.dtype == torch.long
+    by_item = [list(zip(texts[2 * i:2 * i + 2], ids[2 * i:2 * i + 2].tolist())) for i in range(4)]
+    assert sorted(by_item[0]) == [("N0.", -2), ("P1.", 1)] or sorted(by_item[0]) == [("N0.", -1), ("P1.", 1)]
+    assert {t for t, _ in by_item[2]} <= {f"PO{i}." for i in range(20)} | {"P0.", "P1.", "P3."}
+    assert by_item[3][0] == ("N3.", -7)  # own negatives first; a unique id: -1 - (position 3 * k 2 + 0)
+    for t, gid in by_item[2] + by_item[3][1:]:  # fillers from a group in the batch take its id, else unique
+        in_batch = {"P0.": 0, "P1.": 1, "P3.": 3}
+        assert gid == in_batch[t] if t in in_batch else gid < 0
+    assert hn(batch)[0] == texts  # deterministic (resume draws the same)
+    assert HardNegatives(groups, 2)(Batch("mono", batch.items, batch.global_items, "en", 1, 5))[0] != texts
+    with pytest.raises(ValueError, match="k \\(hard negatives per item\\) must be a positive int"):
+        HardNegatives(groups, 0)
+
+
+def test_hard_negatives_agree_across_ranks():
+    groups = make_groups(7, n=200)
+    for i, g in enumerate(groups):
+        g.negatives.update({lang: (f"n{i}-{lang}-a", f"n{i}-{lang}-b", p) for lang, (_, p) in g.items.items()})
+    hn = HardNegatives(groups, 3)
+    glob = HybridBatchSampler(groups, 8, seed=6)
+    ranks = [HybridBatchSampler(groups, 8, seed=6, rank=r, world_size=2) for r in range(2)]
+    for _, b, *parts in zip(range(20), glob, *ranks):
+        texts, ids = hn(b)
+        pieces = [hn(x) for x in parts]
+        assert sum((x[0] for x in pieces), []) == texts
+        assert torch.equal(torch.cat([x[1] for x in pieces]), ids)
+        _, passages, pids = collate(groups, b)
+        for t, gid in zip(texts, ids.tolist()):
+            if t in passages:  # a negative equal to a positive of the batch is masked for that positive's query
+                assert gid == int(pids[passages.index(t)])
 
 
 def test_public_export():

@@ -56,12 +56,14 @@ def test_two_process_loss_curve_matches_one_process(tiny, tmp_path):
 
 def test_two_process_grad_cache_matches_one_process(tiny, tmp_path):
     """--mini-batch-size under torchrun (2 gloo processes, 2 texts per chunk): no DDP wrapper, one all-reduce
-    of the gradients per step; the loss curve and learned temperature are the one-process whole-batch run's."""
-    one = subprocess.run([sys.executable, "-m", "effir.train", *_args(tiny, tmp_path / "one")], env=_env(),
-                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    of the gradients per step; the loss curve and learned temperature are the one-process whole-batch run's.
+    With --hard-negatives 1 in both: every rank draws its items' negatives and the loss gathers them."""
+    one = subprocess.run([sys.executable, "-m", "effir.train", *_args(tiny, tmp_path / "one", "--hard-negatives", "1")],
+                         env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "effir.train", *_args(tiny, tmp_path / "two", "--mini-batch-size", "2")],
+                          "-m", "effir.train", *_args(tiny, tmp_path / "two", "--mini-batch-size", "2",
+                                                      "--hard-negatives", "1")],
                          env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")

@@ -215,3 +215,22 @@ def test_grad_cache_run_matches_the_whole_batch_run_and_resumes_exactly(tiny, tm
     resumed = run(_cfg(tiny, tmp_path / "part", mini_batch_size=3, resume=True))
     assert resumed["exit_code"] == 0
     assert [x for _, x in losses(tmp_path / "full")] == [x for _, x in losses(tmp_path / "part")]
+
+
+def test_hard_negatives_in_training(tiny, tmp_path):
+    """--hard-negatives K: K more passages per pair in every step's loss (the synthetic groups have no paragraph
+    negatives, so random same-language passages fill them); with GradCache the same losses."""
+    from effir.training.metrics_log import read_jsonl
+
+    nodrop = str(tiny["nodrop"])
+    plain = run(_cfg(tiny, tmp_path / "plain", model=nodrop, steps=3))
+    hard = run(_cfg(tiny, tmp_path / "hard", model=nodrop, steps=3, hard_negatives=2))
+    cached = run(_cfg(tiny, tmp_path / "cached", model=nodrop, steps=3, hard_negatives=2, mini_batch_size=3))
+    assert plain["exit_code"] == hard["exit_code"] == cached["exit_code"] == 0
+    a, b, c = (losses(tmp_path / x) for x in ("plain", "hard", "cached"))
+    assert b[0][1] > a[0][1]  # step 1, same weights: 16 more candidates in every row's log-sum-exp
+    for (_, x), (_, y) in zip(b, c):
+        assert y == pytest.approx(x, rel=1e-5), (b, c)
+    tok = [[r["tokens"] for r in read_jsonl(tmp_path / x / "train_log.jsonl") if r["event"] == "step"]
+           for x in ("plain", "hard")]
+    assert all(h > p for p, h in zip(*tok))  # the negatives were encoded

@@ -6,9 +6,14 @@ one-language groups.
 
 JSONL user format, one group per line::
 
-    {"group_id": "g1", "source": "mine", "items": {"en": {"question": "...", "passage": "..."},
+    {"group_id": "g1", "source": "mine", "items": {"en": {"question": "...", "passage": "...",
+                                                          "negatives": ["...", "..."]},   # optional
                                                    "de": {"question": "...", "passage": "..."}},
      "mono": true}                                            # optional, default true
+
+`negatives` (optional, per language): hard-negative passages for that language's question, e.g. the other
+sentences of the paragraph that holds the answer (what the SQuAD-format loaders store); used by
+`python -m effir.train --hard-negatives K`.
 
 `mono: false` marks groups whose question and passage are the same sentence in each language (Tatoeba
 sentence pairs): they only make sense across languages, so the sampler keeps them out of X-X-mono batches.
@@ -57,13 +62,15 @@ class ParallelGroup:
 
     group_id: unique over the training mix (e.g. "tquad:train-v0.1:17");
     source: the data set it came from; items: ISO 639-1 code -> (question, passage);
-    mono: whether the group may feed X-X-mono batches (False for sentence pairs, see the module docstring).
+    mono: whether the group may feed X-X-mono batches (False for sentence pairs, see the module docstring);
+    negatives: ISO 639-1 code -> hard-negative passages in that language (none by default).
     """
 
     group_id: str
     source: str
     items: dict[str, tuple[str, str]]
     mono: bool = True
+    negatives: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def languages(self) -> tuple[str, ...]:
@@ -76,6 +83,9 @@ class ParallelGroup:
             "source": self.source,
             "items": {lang: {"question": q, "passage": p} for lang, (q, p) in sorted(self.items.items())},
         }
+        for lang, negs in self.negatives.items():
+            if negs:
+                rec["items"][lang]["negatives"] = list(negs)
         if not self.mono:
             rec["mono"] = False
         return rec
@@ -148,7 +158,7 @@ def group_from_record(rec, where: str) -> ParallelGroup:
     items = rec["items"]
     if not isinstance(items, Mapping):
         raise MalformedRecord(f"{where}: 'items' must map language codes to {{question, passage}}")
-    out = {}
+    out, negatives = {}, {}
     for lang, item in items.items():
         if item is None:  # `datasets` fills languages absent from a row with None
             continue
@@ -160,13 +170,20 @@ def group_from_record(rec, where: str) -> ParallelGroup:
             if not isinstance(val, str) or not val.strip():
                 raise MalformedRecord(f"{where}: missing field items[{lang!r}][{name!r}]")
         out[lang] = (q, p)
+        negs = item.get("negatives")
+        if negs is not None:
+            if not isinstance(negs, (list, tuple)) or not all(isinstance(n, str) and n.strip() for n in negs):
+                raise MalformedRecord(f"{where}: items[{lang!r}]['negatives'] must be a list of non-empty "
+                                      "passage strings")
+            if negs:
+                negatives[lang] = tuple(negs)
     if not out:
         raise MalformedRecord(f"{where}: missing field 'items' (no language has a question and a passage)")
     mono = rec.get("mono")
     mono = True if mono is None else mono  # absent, or null where a `datasets` column holds it for other rows
     if not isinstance(mono, bool):
         raise MalformedRecord(f"{where}: 'mono' must be true or false, got {mono!r}")
-    return ParallelGroup(str(rec["group_id"]), str(rec["source"]), out, mono)
+    return ParallelGroup(str(rec["group_id"]), str(rec["source"]), out, mono, negatives)
 
 
 def reason_of(exc: MalformedRecord) -> str:

@@ -70,6 +70,12 @@ class _Passages:
                 self._spans = chunk_spans(self.context, self.lang, self.chunk_chars)
         return covering(self.context, self._spans, start, end, single=self.passage == "chunk")
 
+    def others(self, passage: str) -> tuple[str, ...]:
+        """The context's other sentences (chunks) than those in `passage` (from `around`): the hard negatives
+        of its question, as LAReQA's candidate pool puts them beside the answer sentence."""
+        texts = (self.context[a:b].strip() for a, b in self._spans)
+        return tuple(dict.fromkeys(t for t in texts if t and t not in passage))
+
 
 def _answer_start(context: str, answers, where: str, stats: LoadStats) -> tuple[int, int]:
     """(start, end) of the first answer whose offset lies inside the context; repairs off-by-a-few offsets."""
@@ -113,7 +119,8 @@ def _find_all(text: str, sub: str) -> Iterator[int]:
 
 def _squad_records(path: Path, lang: str, passage: str, chunk_chars, stats: LoadStats, on_error: str,
                    exclude_titles: dict | None = None) -> Iterator[tuple[str, str, str]]:
-    """(question id, question, passage) for every usable question of a SQuAD-format JSON file."""
+    """(question id, question, passage, hard negatives) for every usable question of a SQuAD-format JSON file;
+    the negatives are the paragraph's other passages (`_Passages.others`)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     articles = data.get("data") if isinstance(data, dict) else None
     if not isinstance(articles, list):
@@ -143,7 +150,8 @@ def _squad_records(path: Path, lang: str, passage: str, chunk_chars, stats: Load
                 except MalformedRecord as exc:
                     stats.problem(exc, reason_of(exc), on_error)
                     continue
-                yield str(qa["id"]), question.strip(), spans.around(start, end)
+                p = spans.around(start, end)
+                yield str(qa["id"]), question.strip(), p, spans.others(p)
 
 
 def _mono_squad(source: str, lang: str, files: Iterable, passage, on_error, chunk_chars, exclude_titles=None):
@@ -152,8 +160,8 @@ def _mono_squad(source: str, lang: str, files: Iterable, passage, on_error, chun
     stats, groups = LoadStats(source=source), []
     for f in files:
         path = registry.fetch(f) if isinstance(f, registry.DataFile) else Path(f)
-        for qid, q, p in _squad_records(path, lang, passage, chunk_chars, stats, on_error, exclude_titles):
-            g = ParallelGroup(f"{source}:{path.stem}:{qid}", source, {lang: (q, p)})
+        for qid, q, p, negs in _squad_records(path, lang, passage, chunk_chars, stats, on_error, exclude_titles):
+            g = ParallelGroup(f"{source}:{path.stem}:{qid}", source, {lang: (q, p)}, negatives={lang: negs})
             groups.append(g)
             stats.add(g)
     return groups, stats
@@ -214,8 +222,10 @@ def _iapp_group(line: str, where: str, passage: str, chunk_chars, stats) -> Para
     ans = rec["answers"]
     answers = [{"text": t, "answer_start": s} for t, s in zip(ans.get("text") or [], ans.get("answer_start") or [])]
     start, end = _answer_start(rec["context"], answers, where, stats)
-    p = _Passages(rec["context"], "th", passage, chunk_chars).around(start, end)
-    return ParallelGroup(f"iapp:{rec['question_id']}", "iapp", {"th": (rec["question"].strip(), p)})
+    spans = _Passages(rec["context"], "th", passage, chunk_chars)
+    p = spans.around(start, end)
+    return ParallelGroup(f"iapp:{rec['question_id']}", "iapp", {"th": (rec["question"].strip(), p)},
+                         negatives={"th": spans.others(p)})
 
 
 def load_bipar(*, passage="sentence", on_error="skip", chunk_chars=None, files=None):
@@ -240,7 +250,9 @@ def load_bipar(*, passage="sentence", on_error="skip", chunk_chars=None, files=N
         origin = {}
         for lang, (path, recs) in sorted(sides.items()):
             suffix = f"_{lang.upper()}"
-            for qid, q, p in recs:
+            # no hard negatives from parallel paragraphs: another question's answer in the other language
+            # would be one, and only the same-language text of a batch's positives can be checked against them
+            for qid, q, p, _negatives in recs:
                 base = qid[: -len(suffix)] if qid.endswith(suffix) else qid
                 items[base][lang] = (q, p)
                 origin.setdefault(base, f"{path.name} id {qid!r}")
@@ -408,4 +420,5 @@ def _restrict(groups, keep: set[str]) -> Iterator[ParallelGroup]:
     for g in groups:
         items = {lang: v for lang, v in g.items.items() if lang in keep}
         if len(items) >= (1 if g.mono else 2):  # a cross-only group needs two languages
-            yield ParallelGroup(g.group_id, g.source, items, g.mono)
+            yield ParallelGroup(g.group_id, g.source, items, g.mono,
+                                {lang: v for lang, v in g.negatives.items() if lang in keep})

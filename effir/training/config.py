@@ -54,6 +54,9 @@ class TrainConfig:
     # GradCache: the encoder works through this many texts at a time (memory independent of batch_size, the
     # same gradients, one extra encoder forward); None: the whole per-rank batch at once
     mini_batch_size: int | None = None
+    # hard negatives per pair (effir.data.batching.HardNegatives): the other sentences of the answer's paragraph
+    # (SQuAD-format sources), else random passages of the same language; 0: in-batch negatives only
+    hard_negatives: int = 0
     temperature: float = 0.05
     learnable_temperature: bool = False
     steps: int | None = None  # optimizer steps; None: from `epochs`, or the default budget
@@ -156,6 +159,8 @@ class TrainConfig:
         if self.mini_batch_size is not None and (not isinstance(self.mini_batch_size, int)
                                                  or isinstance(self.mini_batch_size, bool) or self.mini_batch_size < 1):
             raise ValueError(f"--mini-batch-size must be a positive integer, got {self.mini_batch_size!r}")
+        if not isinstance(self.hard_negatives, int) or isinstance(self.hard_negatives, bool) or self.hard_negatives < 0:
+            raise ValueError(f"--hard-negatives must be an integer >= 0, got {self.hard_negatives!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"--steps must be a positive integer, got {self.steps!r}")
         if self.steps is not None and self.epochs is not None:

@@ -97,20 +97,24 @@ def backward_through_chunks(encode: Callable[..., torch.Tensor], chunks: list[Fe
 
 def dual_encoder_backward(encoder: Callable[..., torch.Tensor], loss_fn: Callable[..., torch.Tensor], q: Features,
                           p: Features, groups: torch.Tensor, mini_batch_size: int, device: torch.device, *,
+                          negatives: Features | None = None, negative_groups: torch.Tensor | None = None,
                           autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                           scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss) -> torch.Tensor:
     """One dual-encoder contrastive step's forward and backward as GradCache; returns the loss (detached).
 
-    encoder(**features) -> (B, H) embeddings for queries `q` and passages `p` (tokenizer output, (B, T));
-    loss_fn(q_emb, p_emb, query_groups=groups, doc_groups=groups) -> scalar (e.g. effir.InfoNCELoss);
-    autocast: a context for the encoder passes (mixed precision); scale: applied to the loss before backward
-    (a GradScaler's `scale`). Parameter gradients are accumulated into .grad as loss.backward() would."""
+    encoder(**features) -> (B, H) embeddings for queries `q`, passages `p` and optional hard `negatives`
+    (tokenizer output, (B, T) / (M, T)); loss_fn(q_emb, p_emb, n_emb, query_groups=groups, doc_groups=groups
+    [+ negative_groups]) -> scalar (e.g. effir.InfoNCELoss); autocast: a context for the encoder passes (mixed
+    precision); scale: applied to the loss before backward (a GradScaler's `scale`). Parameter gradients are
+    accumulated into .grad as loss.backward() would."""
+    sides = [q, p] if negatives is None else [q, p, negatives]
     with autocast():
-        qe, q_chunks, q_rng = embed_without_graph(encoder, q, mini_batch_size, device)
-        pe, p_chunks, p_rng = embed_without_graph(encoder, p, mini_batch_size, device)
-    loss = loss_fn(qe, pe, query_groups=groups, doc_groups=groups)
+        cached = [embed_without_graph(encoder, f, mini_batch_size, device) for f in sides]
+    embs = [c[0] for c in cached]
+    doc_groups = groups if negatives is None else torch.cat([groups, negative_groups])
+    loss = loss_fn(*embs, query_groups=groups, doc_groups=doc_groups)
     scale(loss).backward()  # to the embeddings (and the loss's own parameters, e.g. a learnable temperature)
     with autocast():
-        backward_through_chunks(encoder, q_chunks, q_rng, qe.grad)
-        backward_through_chunks(encoder, p_chunks, p_rng, pe.grad)
+        for emb, chunks, states in cached:
+            backward_through_chunks(encoder, chunks, states, emb.grad)
     return loss.detach()

@@ -26,6 +26,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import grad_cache
+from effir.data.batching import HardNegatives
+
 from .config import TrainConfig
 from .distributed import RunContext, all_reduce_sum
 from .metrics_log import JsonlLog
@@ -107,13 +109,17 @@ class DualEncoderLoss(torch.nn.Module):
         self.precision = precision
         self.device_type = device
 
-    def forward(self, q_inputs: dict, p_inputs: dict, groups: torch.Tensor) -> torch.Tensor:
+    def forward(self, q_inputs: dict, p_inputs: dict, groups: torch.Tensor, n_inputs: dict | None = None,
+                n_groups: torch.Tensor | None = None) -> torch.Tensor:
+        """n_inputs / n_groups (optional): hard-negative passages (M_local, T) and their (M_local,) group ids."""
         with autocast_context(self.precision, self.device_type):
             q = self.encoder(**q_inputs)
             p = self.encoder(**p_inputs)
+            n = self.encoder(**n_inputs) if n_inputs is not None else None
         # The fused loss accumulates in fp32 whatever the embeddings' dtype; masking translations of the
         # same group keeps parallel items out of each other's negatives.
-        return self.loss(q, p, query_groups=groups, doc_groups=groups)
+        doc_groups = groups if n is None else torch.cat([groups, n_groups])
+        return self.loss(q, p, n, query_groups=groups, doc_groups=doc_groups)
 
 
 @dataclass
@@ -279,6 +285,7 @@ class Trainer:
         warm = cfg.warmup_steps(self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_warmup_decay(warm, self.total_steps))
         self.scaler = make_grad_scaler(self.precision, ctx.device)
+        self.hard_negatives = HardNegatives(groups, cfg.hard_negatives) if cfg.hard_negatives else None
         self.step = 0
         self._rng_to_restore = None
         self._sampler_iter = None
@@ -346,18 +353,28 @@ class Trainer:
         groups = torch.as_tensor(group_ids, dtype=torch.int64).to(dev)
         return q, p, groups, (int(q["attention_mask"].sum()), int(p["attention_mask"].sum()))
 
+    def _negatives(self, batch):
+        """(tokenized hard negatives, their group ids, their token count), or (None, None, 0)."""
+        if self.hard_negatives is None:
+            return None, None, 0
+        texts, ids = self.hard_negatives(batch)
+        n = self.encoder.tokenize(texts, kind="passage", max_length=self.cfg.max_passage_length)
+        n = {k: v.to(self.ctx.device, non_blocking=True) for k, v in n.items()}
+        return n, ids.to(self.ctx.device), int(n["attention_mask"].sum())
+
     def train_step(self) -> StepRecord:
         t0 = time.perf_counter()
         batch = self._next_batch()
         queries, passages, group_ids = self.collate(self.groups, batch)
         q, p, groups, (q_tokens, p_tokens) = self._tokenize(queries, passages, group_ids)
-        tokens = q_tokens + p_tokens
+        n, n_groups, n_tokens = self._negatives(batch)
+        tokens = q_tokens + p_tokens + n_tokens
         self.model.train()
         if self.cfg.mini_batch_size:
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self._grad_cache_backward(q, p, groups)
+            loss = self._grad_cache_backward(q, p, groups, n, n_groups)
         else:
-            loss = self.model(q, p, groups)
+            loss = self.model(q, p, groups, n, n_groups)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
         if self.cfg.max_grad_norm:
@@ -376,12 +393,14 @@ class Trainer:
                           time.perf_counter() - t0, temp, tuple(q["input_ids"].shape), tuple(p["input_ids"].shape),
                           q_tokens, p_tokens)
 
-    def _grad_cache_backward(self, q: dict, p: dict, groups: torch.Tensor) -> torch.Tensor:
+    def _grad_cache_backward(self, q: dict, p: dict, groups: torch.Tensor, n: dict | None = None,
+                             n_groups: torch.Tensor | None = None) -> torch.Tensor:
         """The step's loss and backward as GradCache: embeddings without autograd in chunks of
         --mini-batch-size texts, the loss's gradient with respect to them, then each chunk re-embedded (same
         RNG) and backpropagated. Gradients end up as the whole-batch step's (averaged over ranks)."""
         m, dev = self.module, self.ctx.device
         loss = grad_cache.dual_encoder_backward(m.encoder, m.loss, q, p, groups, self.cfg.mini_batch_size, dev,
+                                                negatives=n, negative_groups=n_groups,
                                                 autocast=lambda: autocast_context(self.precision, dev),
                                                 scale=self.scaler.scale)
         if self.ctx.distributed:
