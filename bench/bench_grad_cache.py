@@ -7,7 +7,7 @@ Encoder: multilingual-e5-small's shape (12 layers, hidden 384, 12 heads, FFN 153
 2000-token vocabulary (the 250k-row embedding table would only add parameter memory, the same for both), seq_bn
 adapters (reduction 16, random non-zero weights), fp32 on CPU. Batches: B query/passage pairs of random length
 (queries 8-32 tokens, passages 16-64, right-padded), InfoNCE at t = 0.05 with group masking. Step: forward and
-backward (effir.training.grad_cache.dual_encoder_backward with mini-batches of 16 texts, or the whole batch at
+backward (effir.grad_cache.dual_encoder_backward with mini-batches of 16 texts, or the whole batch at
 once as effir.training.loop.DualEncoderLoss does). Peak memory: the peak of live torch allocations during the
 step (torch.profiler memory events, exact; bench/_train_step_worker.torch_peak_bytes). Results:
 bench/results/grad_cache_cpu.json + grad_cache_cpu.png.
@@ -52,7 +52,7 @@ def _batch(b: int, lo: int, hi: int, seed: int) -> dict:
 
 
 def _step(enc, loss_fn, q, p, groups, mini):
-    from effir.training import grad_cache
+    from effir import grad_cache
 
     params = [x for x in enc.parameters() if x.requires_grad]
     for x in params:

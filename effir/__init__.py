@@ -3,7 +3,8 @@
 Public API (imported lazily, so `import effir` stays cheap and never imports Triton by itself):
 
 - Loss: `info_nce`, `InfoNCELoss`                      (effir.losses.info_nce)
-  `MultipleNegativesRankingLoss` (sentence-transformers drop-in)  (effir.losses.mnrl)
+  `MultipleNegativesRankingLoss`, `CachedMultipleNegativesRankingLoss` (sentence-transformers drop-ins)
+                                                                  (effir.losses.mnrl, effir.losses.cached_mnrl)
 - Adapters: `bottleneck_adapter`, `bottleneck_adapter_layernorm`, `BottleneckAdapter`,
   `add_adapters`, `save_adapters`, `load_adapters`, `AdapterConfig` presets  (effir.adapters)
 - Encoders: `load_encoder`                              (effir.encoders)
@@ -19,6 +20,7 @@ _EXPORTS = {
     "info_nce": "effir.losses.info_nce",
     "InfoNCELoss": "effir.losses.info_nce",
     "MultipleNegativesRankingLoss": "effir.losses.mnrl",
+    "CachedMultipleNegativesRankingLoss": "effir.losses.cached_mnrl",
     "bottleneck_adapter": "effir.ops.bottleneck_adapter",
     "bottleneck_adapter_layernorm": "effir.ops.bottleneck_adapter",
     "BottleneckAdapter": "effir.adapters.modules",

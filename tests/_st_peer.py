@@ -4,6 +4,7 @@ MultipleNegativesRankingLoss / MultipleNegativesSymmetricRankingLoss on the same
     python tests/_st_peer.py   -> "RESULT {json}" on stdout: per case, the loss of each and the largest gradient
                                   difference (abs) over anchors, positives and hard negatives; "model": the
                                   same through a tiny SentenceTransformer's forward (parameter gradients)
+    python tests/_st_peer.py cached  -> "RESULT {json}": the GradCache losses of both libraries (dropout on)
     python tests/_st_peer.py trainer -> "RESULT {json}": SentenceTransformerTrainer runs with each library's loss
                                   on the same model, data and seed: per-step losses, final parameters, model card
 Needs effir importable (PYTHONPATH=<repo>).
@@ -76,7 +77,7 @@ def _through_a_model() -> dict:
 WORDS = "the cat dog sun car he it a big red old new sky sea".split()
 
 
-def _tiny_model(seed=0):
+def _tiny_model(seed=0, dropout=0.1):
     """A random-weight one-layer BERT SentenceTransformer (mean pooling) with a word-level vocabulary."""
     import os
     import tempfile
@@ -92,7 +93,8 @@ def _tiny_model(seed=0):
         BertTokenizerFast(vocab_file=os.path.join(d, "vocab.txt")).save_pretrained(d)
         torch.manual_seed(seed)
         BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=32)).save_pretrained(d)
+                             intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=dropout,
+                             attention_probs_dropout_prob=dropout)).save_pretrained(d)
         tr = stm.Transformer(d, max_seq_length=16)
         return SentenceTransformer(modules=[tr, stm.Pooling(tr.get_word_embedding_dimension())], device="cpu")
 
@@ -100,7 +102,7 @@ def _tiny_model(seed=0):
 def trainer():
     """The drop-in where users put it: `SentenceTransformerTrainer(loss=...)`. Same float64 model, (anchor,
     positive, negative) dataset, seed and arguments; 4 AdamW steps with sentence-transformers' MNRL and MNSRL and
-    with effir's (reference and chunked backends). Returns the logged per-step losses, the largest parameter
+    with effir's (reference and chunked backends, and the GradCache drop-in). Returns the logged per-step losses, the largest parameter
     difference after training, and whether the saved model card names the loss."""
     import random
     import tempfile
@@ -109,7 +111,7 @@ def trainer():
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer import losses as st
 
-    from effir.losses import MultipleNegativesRankingLoss
+    from effir.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
 
     rng = random.Random(0)
     sent = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))  # noqa: E731
@@ -120,10 +122,16 @@ def trainer():
             runs = {}
             peer_cls = st.MultipleNegativesSymmetricRankingLoss if symmetric else st.MultipleNegativesRankingLoss
             cols = ["anchor", "positive"] if symmetric else ["anchor", "positive", "negative"]
-            for who in ("peer", "reference", "chunked"):
-                model = _tiny_model().double()
-                loss = (peer_cls(model) if who == "peer"
-                        else MultipleNegativesRankingLoss(model, symmetric=symmetric, backend=who))
+            for who in ("peer", "reference", "chunked", "cached"):
+                # no dropout: a whole batch and its GradCache chunks would draw different masks
+                model = _tiny_model(dropout=0.0).double()
+                if who == "peer":
+                    loss = peer_cls(model)
+                elif who == "cached":  # GradCache, 4 texts at a time: the same training
+                    loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, symmetric=symmetric,
+                                                              backend="reference")
+                else:
+                    loss = MultipleNegativesRankingLoss(model, symmetric=symmetric, backend=who)
                 args = SentenceTransformerTrainingArguments(
                     output_dir=f"{tmp}/{who}", max_steps=4, per_device_train_batch_size=6, learning_rate=1e-3,
                     warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", seed=0, use_cpu=True,
@@ -137,8 +145,8 @@ def trainer():
                 runs[who] = {"losses": [r["loss"] for r in tr.state.log_history if "loss" in r],
                              "params": [p.detach().clone() for p in model.parameters()],
                              "card_names_loss": "MultipleNegatives" in card}
-            start = [p.detach() for p in _tiny_model().double().parameters()]
-            for who in ("reference", "chunked"):
+            start = [p.detach() for p in _tiny_model(dropout=0.0).double().parameters()]
+            for who in ("reference", "chunked", "cached"):
                 out[f"{'sym' if symmetric else 'fwd'}/{who}"] = {
                     "peer_losses": runs["peer"]["losses"], "effir_losses": runs[who]["losses"],
                     "param_max_abs_diff": max((a - b).abs().max().item()
@@ -148,10 +156,60 @@ def trainer():
     return out
 
 
+def cached() -> dict:
+    """effir's CachedMultipleNegativesRankingLoss (reference backend) on the tiny float64 model, mini-batches of
+    1, 3 and 16 texts, with a hard-negative column (MNRL) and symmetric (MNSRL); the caller's backward carries
+    a factor 2.5 (as gradient accumulation or loss scaling do). Per case, loss and every parameter gradient:
+    "exact": eval mode, against sentence-transformers' uncached MNRL / MNSRL (the same math: GradCache must not
+    change it); "dropout": train mode (dropout 0.1), against sentence-transformers' Cached... losses from the
+    same RNG state (same chunks, same masks in the first pass); "peer_cached_vs_uncached": how far
+    sentence-transformers' own cached loss is from its uncached one in eval mode (for the record)."""
+    from sentence_transformers.sentence_transformer import losses as st
+
+    from effir.losses import CachedMultipleNegativesRankingLoss
+
+    cols = [["the cat", "a big dog", "he sun", "it big car", "red sky", "old sea new"],
+            ["cat the", "dog big", "sun", "car it a", "sky red red", "sea"],
+            ["a cat", "the the", "big sun", "it", "new old", "sky sea sun the"]]
+
+    def run(make, symmetric, train):
+        model = _tiny_model().double().train(train)
+        feats = [dict(model.preprocess(c)) for c in (cols[:2] if symmetric else cols)]
+        loss = make(model)
+        torch.manual_seed(11)  # the dropout masks start from the same state for every contestant
+        value = loss(feats, torch.zeros(6))
+        (2.5 * value).backward()
+        return value.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    def compare(a, b):
+        return {"loss": [a[0], b[0]], "n_grads": [len(a[1]), len(b[1])],
+                "grad_max_abs_diff": max((x - y).abs().max().item() for x, y in zip(a[1], b[1])),
+                "grad_max_abs": max(g.abs().max().item() for g in a[1])}
+
+    out = {}
+    for symmetric in (False, True):
+        name = "sym" if symmetric else "fwd"
+        plain = st.MultipleNegativesSymmetricRankingLoss if symmetric else st.MultipleNegativesRankingLoss
+        peer_cached = (st.CachedMultipleNegativesSymmetricRankingLoss if symmetric
+                       else st.CachedMultipleNegativesRankingLoss)
+        exact = run(lambda m: plain(m), symmetric, False)
+        for mini in (1, 3, 16):
+            ours = lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=mini, symmetric=symmetric,  # noqa: E731,B023
+                                                                backend="reference")
+            theirs = lambda m: peer_cached(m, mini_batch_size=mini)  # noqa: E731,B023
+            out[f"exact/{name}/mini{mini}"] = compare(exact, run(ours, symmetric, False))
+            out[f"dropout/{name}/mini{mini}"] = compare(run(theirs, symmetric, True), run(ours, symmetric, True))
+        out[f"peer_cached_vs_uncached/{name}"] = compare(exact, run(
+            lambda m: peer_cached(m, mini_batch_size=3), symmetric, False))  # noqa: B023
+    return out
+
+
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] == ["trainer"]:
         print("RESULT " + json.dumps(trainer()))
+    elif sys.argv[1:] == ["cached"]:
+        print("RESULT " + json.dumps(cached()))
     else:
         main()

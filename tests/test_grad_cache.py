@@ -1,4 +1,4 @@
-"""GradCache (effir.training.grad_cache): chunking of tokenizer output, exact RNG replay, and the same loss and
+"""GradCache (effir.grad_cache): chunking of tokenizer output, exact RNG replay, and the same loss and
 gradients as the whole-batch step (float64, tiny random BERT with adapters)."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ from transformers import BertConfig, BertModel
 
 import effir
 from effir.encoders.encoder import Encoder
-from effir.training import grad_cache
+from effir import grad_cache
 
 
 def _encoder(dropout: float, seed=0) -> Encoder:
@@ -49,8 +49,12 @@ def test_split_rows_chunks_and_trims_trailing_padding():
     assert all(c["attention_mask"].shape[1] == 5 for c in grad_cache.split_rows(left, 2))
     with pytest.raises(ValueError, match="mini_batch_size must be a positive int"):
         grad_cache.split_rows(f, 0)
-    with pytest.raises(ValueError, match="attention_mask"):
-        grad_cache.split_rows({"input_ids": f["input_ids"]}, 2)
+    # no attention mask: rows only; values that are not batch-first tensors go to every chunk
+    plain = grad_cache.split_rows({"x": torch.randn(5, 3), "prompt_length": 2, "scalar": torch.tensor(1.0)}, 2)
+    assert [c["x"].shape for c in plain] == [(2, 3), (2, 3), (1, 3)] and all(c["prompt_length"] == 2 for c in plain)
+    assert all(c["scalar"].dim() == 0 for c in plain)
+    with pytest.raises(ValueError, match="batch-first tensors"):
+        grad_cache.split_rows({"prompt_length": 2}, 2)
 
 
 def test_replay_gives_the_same_embeddings_under_dropout_and_leaves_the_rng_alone():

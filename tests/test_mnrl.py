@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from effir.losses import MultipleNegativesRankingLoss
+from effir.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
 from tests._errors import assert_no_worse_than_torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,17 +154,71 @@ def test_same_loss_and_gradients_as_sentence_transformers(peer_python):
 
 def test_sentence_transformers_trainer_trains_the_same_model(peer_python):
     """In SentenceTransformerTrainer (peers env: sentence-transformers 5.7, datasets, accelerate): 4 AdamW steps
-    on a float64 model with effir's loss (reference and chunked backends) give the logged losses and the final
+    on a dropout-free float64 model with effir's loss (reference and chunked backends, and
+    CachedMultipleNegativesRankingLoss with 4 texts at a time) give the logged losses and the final
     parameters of the same run with sentence-transformers' own MNRL / MNSRL, and the saved model card names it."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([str(peer_python), str(REPO / "tests" / "_st_peer.py"), "trainer"], capture_output=True,
                           text=True, env=env, timeout=300, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
-    assert sorted(result) == ["fwd/chunked", "fwd/reference", "sym/chunked", "sym/reference"]
+    assert sorted(result) == ["fwd/cached", "fwd/chunked", "fwd/reference", "sym/cached", "sym/chunked",
+                              "sym/reference"]
     for case, r in result.items():
         assert len(r["peer_losses"]) == 4 and r["effir_losses"] == r["peer_losses"], (case, r)
         assert r["param_max_moved"] > 1e-4, (case, r)  # training moved the weights: the comparison means something
         # float64 through the model and 4 AdamW steps: measured ~5e-12 of how far the weights moved
         assert r["param_max_abs_diff"] <= 1e-9 * r["param_max_moved"], (case, r)
         assert r["card_names_loss"], (case, r)
+
+
+@pytest.mark.parametrize("mini", [1, 4, 64])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cached_loss_equals_the_uncached_one(mini, symmetric, masked):
+    """CachedMultipleNegativesRankingLoss (GradCache) in float64: the loss and every parameter gradient of
+    MultipleNegativesRankingLoss, whatever the mini-batch; the caller's backward factor reaches the model."""
+    labels = torch.tensor([0, 1, 1, 2, 3, 4, 4, 5, 6])
+    results = []
+    for cls, kw in ((MultipleNegativesRankingLoss, {}), (CachedMultipleNegativesRankingLoss, {"mini_batch_size": mini})):
+        torch.manual_seed(0)
+        model = _Encoder()
+        loss = cls(model, symmetric=symmetric, mask_same_label=masked, backend="reference", **kw)
+        value = loss(_features(3), labels)
+        (3.0 * value).backward()
+        results.append((value.detach(), [p.grad.clone() for p in model.parameters()]))
+    (v0, g0), (v1, g1) = results
+    torch.testing.assert_close(v1, v0, rtol=1e-13, atol=0)
+    for a, b in zip(g1, g0):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_cached_config_and_bad_input():
+    loss = CachedMultipleNegativesRankingLoss(nn.Identity(), mini_batch_size=7)
+    assert loss.get_config_dict()["mini_batch_size"] == 7 and "gao2021scaling" in loss.citation
+    assert loss.uses_gradient_cache
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="mini_batch_size must be a positive int"):
+            CachedMultipleNegativesRankingLoss(nn.Identity(), mini_batch_size=bad)
+
+
+def test_cached_loss_against_sentence_transformers(peer_python):
+    """Against sentence-transformers 5.7 (peers env), tiny float64 SentenceTransformer, mini-batches of 1, 3 and
+    16 texts, MNRL with a hard-negative column and MNSRL: in eval mode the uncached loss's value and gradients
+    (GradCache changes nothing); in train mode (dropout) sentence-transformers' cached loss from the same RNG
+    state: the same loss (the same masks), gradients within its own cached-vs-uncached deviation (~1.4e-7)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([str(peer_python), str(REPO / "tests" / "_st_peer.py"), "cached"], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert len(result) == 14
+    for case, r in result.items():
+        assert r["n_grads"][0] == r["n_grads"][1] > 10, (case, r)
+        if case.startswith("peer_cached_vs_uncached"):
+            continue  # sentence-transformers' own deviation, recorded for the comparison above
+        a, b = r["loss"]
+        assert abs(a - b) <= 1e-13 * abs(a), (case, r)
+        tol = 1e-12 if case.startswith("exact") else 1e-6
+        assert r["grad_max_abs_diff"] <= tol * r["grad_max_abs"], (case, r)

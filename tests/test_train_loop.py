@@ -184,7 +184,7 @@ def test_grad_cache_run_matches_the_whole_batch_run_and_resumes_exactly(tiny, tm
     """--mini-batch-size (GradCache): the same optimisation as the whole-batch step (no dropout: up to float
     rounding), the encoder never sees more than N texts at once, and with dropout an interrupted and resumed
     run reproduces the uninterrupted one bit for bit."""
-    from effir.training import grad_cache
+    from effir import grad_cache
 
     nodrop = str(tiny["nodrop"])
     whole = run(_cfg(tiny, tmp_path / "whole", model=nodrop))

@@ -1,5 +1,6 @@
 """User-facing losses (sentence-transformers style: an nn.Module with a config dict)."""
 from effir.losses.info_nce import InfoNCELoss, info_nce
 from effir.losses.mnrl import MultipleNegativesRankingLoss
+from effir.losses.cached_mnrl import CachedMultipleNegativesRankingLoss
 
-__all__ = ["InfoNCELoss", "MultipleNegativesRankingLoss", "info_nce"]
+__all__ = ["InfoNCELoss", "MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "info_nce"]

@@ -3,7 +3,7 @@
 One optimizer step per sampler batch. Under torchrun every rank encodes its slice of the global batch
 and the loss gathers the passages of all ranks (`InfoNCELoss(gather=True)`), so each query sees the whole
 global batch as negatives; DDP averages the trainable gradients (adapters, or the whole model).
-With `--mini-batch-size N` the step runs as GradCache (`grad_cache.py`): the encoder works through N texts at
+With `--mini-batch-size N` the step runs as GradCache (`effir/grad_cache.py`): the encoder works through N texts at
 a time, so activation memory no longer grows with the batch; the gradients are the whole batch's, averaged
 over ranks by one all-reduce after the step's backward (no DDP wrapper: its hooks expect one backward per
 forward).
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from . import grad_cache
+from effir import grad_cache
 from effir.data.batching import HardNegatives
 
 from .config import TrainConfig

@@ -47,48 +47,69 @@ class RngReplay:
 
 
 def split_rows(features: Features, mini_batch_size: int) -> list[Features]:
-    """Cut tokenizer output ((B, T) tensors with an "attention_mask") into chunks of at most `mini_batch_size`
-    rows. A chunk drops the trailing columns that are padding in all of its rows, so a chunk of short texts
-    is embedded at its own width (the embeddings do not change: those positions are masked)."""
+    """Cut tokenizer output ((B, T) tensors, usually with an "attention_mask") into chunks of at most
+    `mini_batch_size` rows. With an attention mask, a chunk drops the trailing columns that are padding in all of its rows, so a chunk of short texts
+    is embedded at its own width (the embeddings do not change: those positions are masked). Values that are
+    not batch-first tensors pass to every chunk unchanged."""
     if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
         raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
     mask = features.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        raise ValueError("features must hold a (B, T) 'attention_mask' tensor (tokenizer output), got "
-                         f"{None if mask is None else tuple(getattr(mask, 'shape', ()))}")
-    b, t = mask.shape
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        b, t = mask.shape
+    else:  # no token grid to trim: the rows of the first batch-first tensor
+        mask = None
+        first = next((v for v in features.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        if first is None:
+            raise ValueError(f"features must hold batch-first tensors (tokenizer output), got keys {sorted(features)}")
+        b, t = first.shape[0], -1
     chunks = []
     for begin in range(0, b, mini_batch_size):
         end = min(begin + mini_batch_size, b)
-        used = mask[begin:end].any(dim=0).nonzero()
-        width = int(used.max()) + 1 if used.numel() else t
-        chunks.append({k: (v[begin:end, :width] if v.dim() == 2 and v.shape[1] == t else v[begin:end])
-                       for k, v in features.items()})
+        used = mask[begin:end].any(dim=0).nonzero() if mask is not None else None
+        width = int(used.max()) + 1 if used is not None and used.numel() else t
+        chunks.append({k: _rows(v, begin, end, width, b, t) for k, v in features.items()})
     return chunks
 
 
+def _rows(v, begin: int, end: int, width: int, b: int, t: int):
+    """Rows begin:end of a batch-first (B, ...) tensor, (B, T) ones cut to `width` columns; anything else (a
+    prompt length, a task name, a 0-dim tensor) belongs to the whole batch and passes unchanged."""
+    if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != b:
+        return v
+    return v[begin:end, :width] if v.dim() == 2 and v.shape[1] == t else v[begin:end]
+
+
+def _progress(chunks, desc: str, show: bool):
+    if not show:
+        return chunks
+    from tqdm.auto import tqdm
+
+    return tqdm(chunks, desc=desc, leave=False)
+
+
 def embed_without_graph(encode: Callable[..., torch.Tensor], features: Features, mini_batch_size: int,
-                        device: torch.device) -> tuple[torch.Tensor, list[Features], list[RngReplay]]:
+                        device: torch.device, *, progress: bool = False
+                        ) -> tuple[torch.Tensor, list[Features], list[RngReplay]]:
     """Step 1. Returns (embeddings (B, H) as a leaf that requires grad, the chunks, their RNG states).
-    `encode(**chunk)` -> (chunk, H); it runs under whatever autocast the caller holds."""
+    `encode(**chunk)` -> (chunk, H); it runs under whatever autocast the caller holds. progress: a tqdm bar."""
     chunks = split_rows(features, mini_batch_size)
     states, parts = [], []
     with torch.no_grad():
-        for chunk in chunks:
+        for chunk in _progress(chunks, "GradCache: embedding", progress):
             states.append(RngReplay(device))
             parts.append(encode(**chunk))
     return torch.cat(parts).requires_grad_(True), chunks, states
 
 
 def backward_through_chunks(encode: Callable[..., torch.Tensor], chunks: list[Features], states: list[RngReplay],
-                            grad: torch.Tensor) -> None:
+                            grad: torch.Tensor, *, progress: bool = False) -> None:
     """Step 3. Re-embed every chunk from its RNG state with autograd and backpropagate its rows of `grad`
     ((B, H), the gradient of the loss with respect to step 1's embeddings) into the encoder's parameters."""
     begin = 0
-    for chunk, state in zip(chunks, states):
-        n = chunk["attention_mask"].shape[0]
+    for chunk, state in _progress(list(zip(chunks, states)), "GradCache: backward", progress):
         with state, torch.enable_grad():
             emb = encode(**chunk)
+        n = emb.shape[0]
         emb.backward(grad[begin:begin + n].to(emb.dtype))
         begin += n
     if begin != grad.shape[0]:
