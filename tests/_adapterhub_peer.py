@@ -174,6 +174,7 @@ def interop(args: dict) -> dict:
     from transformers import XLMRobertaForSequenceClassification, XLMRobertaModel
 
     import effir
+    import effir.adapters
 
     conf = _config(layers=3)
     ids, mask = _inputs(2, 11)
@@ -224,8 +225,15 @@ def interop(args: dict) -> dict:
             name2 = hub2.load_adapter(eff_dir)
             hub2.set_active_adapters(name2)
             back = _hidden(hub2.roberta, ids, mask)
+            # effir's own format, converted without a model, loads into AdapterHub the same way
+            effir.save_adapters(eff, f"{eff_dir}-effir")
+            effir.adapters.convert_adapters(f"{eff_dir}-effir", f"{eff_dir}-conv", format="adapterhub")
+            hub3 = hub_model()
+            hub3.set_active_adapters(hub3.load_adapter(f"{eff_dir}-conv"))
+            converted = _hidden(hub3, ids, mask)
             out[key] = {"name": name, "name_back": name2, "hub_to_effir_max_abs": (got - want).abs().max().item(),
                         "effir_to_hub_max_abs": (back - got).abs().max().item(),
+                        "converted_to_hub_max_abs": (converted - got).abs().max().item(),
                         "adapter_output_change": (want - _hidden(effir_model(), ids, mask)).abs().max().item(),
                         "params_hub": n_params(hub, ".adapters.x."), "params_effir": n_params(eff, "effir_adapters"),
                         "params_back": n_params(hub2, ".adapters.x.")}

@@ -325,3 +325,29 @@ def test_adapterhub_legacy_and_fallbacks_are_said(tmp_path):
         effir.load_adapters(make("bert"), tmp_path / "d", backend="recompute")
     said = " ".join(str(w.message) for w in rec)
     assert "dropout=0.1" in said and "init_weights='houlsby'" in said and "'roberta' model" in said
+
+
+def test_convert_between_formats_without_a_model(tmp_path, capsys):
+    from effir.adapters.__main__ import main as adapters_cli
+
+    model = make("roberta")
+    inputs = batch()
+    effir.add_adapters(model, "par_bn", "conv", leave_out=[1], backend="recompute")
+    randomize_adapters(model, "conv")
+    with torch.no_grad():
+        want = model(**inputs).last_hidden_state
+    effir.save_adapters(model, tmp_path / "effir")
+    assert adapters_cli(["convert", str(tmp_path / "effir"), str(tmp_path / "hub"), "--to", "adapterhub"]) == 0
+    meta = json.loads((tmp_path / "hub" / "adapter_config.json").read_text())
+    assert meta["model_type"] == "roberta" and meta["config"]["is_parallel"] and meta["config"]["leave_out"] == [1]
+    effir.adapters.convert_adapters(tmp_path / "hub", tmp_path / "back", format="effir")
+    back = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    first = json.loads((tmp_path / "effir" / "adapter_config.json").read_text())["config"]
+    assert first["name"] == "par_bn" and back["config"] == {**first, "name": "custom"}  # AdapterHub has no names
+    for d in ("hub", "back"):
+        fresh = make("roberta")
+        effir.load_adapters(fresh, tmp_path / d, backend="recompute")
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(**inputs).last_hidden_state, want, rtol=0, atol=0)
+    assert adapters_cli(["convert", str(tmp_path / "missing"), str(tmp_path / "x"), "--to", "effir"]) == 2
+    assert "holds no adapter_config.json" in capsys.readouterr().err

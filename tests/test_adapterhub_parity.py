@@ -81,6 +81,7 @@ def test_adapterhub_adapters_load_into_effir_and_back(peer_result, preset, overr
     assert r["adapter_output_change"] > 1e-2, r  # the adapter changes the output: the comparison means something
     assert r["hub_to_effir_max_abs"] <= FP32_ATOL, r
     assert r["effir_to_hub_max_abs"] <= FP32_ATOL, r
+    assert r["converted_to_hub_max_abs"] <= FP32_ATOL, r  # python -m effir.adapters convert --to adapterhub
     assert r["params_hub"] == r["params_effir"] == r["params_back"] > 0, r
     assert r["name"] == r["name_back"] == "x", r
 

@@ -72,13 +72,16 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AdapterConfig":
+        """The config `to_dict` wrote: a preset's class when "name" names one (its fields as given), else
+        AdapterConfig."""
         data = dict(data)
-        data.pop("name", None)
+        name = data.pop("name", None)
         fields = {f.name for f in dataclasses.fields(AdapterConfig)}
         unknown = set(data) - fields
         if unknown:
             raise ValueError(f"unknown adapter config fields {sorted(unknown)}; known: {sorted(fields)}")
-        return AdapterConfig(**data)
+        preset = next((c for c, n in _NAME_OF.items() if n == name), AdapterConfig)
+        return preset(**data)
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,7 @@ def save_adapters(model, directory, name: str | None = None, *, format: str = "e
     """Write adapter `name` (default: the active one) to `directory`. format="effir": adapter_config.json +
     adapter_model.safetensors; format="adapterhub": the files AdapterHub's `model.load_adapter(directory)` reads
     (adapter_config.json + pytorch_adapter.bin)."""
-    if format not in ("effir", "adapterhub"):
-        raise ValueError(f"format must be 'effir' or 'adapterhub', got {format!r}")
+    _check_format(format)
     state = _state(model)
     name = name if name is not None else state.active
     if name not in state.configs:
@@ -52,17 +51,40 @@ def save_adapters(model, directory, name: str | None = None, *, format: str = "e
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in _adapter_tensors(model, name).items()}
-    if format == "adapterhub":
-        hf = _hf_model(model)
-        adapterhub.write_adapterhub(directory, name, state.configs[name], tensors, state.hidden_size,
-                                    hf.config.model_type if hf is not None else None,
-                                    type(hf).__name__ if hf is not None else None)
-        return directory
-    save_file(tensors, str(directory / WEIGHTS_FILE))
-    meta = {"name": name, "hidden_size": state.hidden_size, "config": state.configs[name].to_dict(),
-            "format": "effir-adapter-1"}
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    hf = _hf_model(model)
+    model_type = hf.config.model_type if hf is not None else None
+    model_class = type(hf).__name__ if hf is not None else None
+    _write(directory, format, name, state.configs[name], tensors, state.hidden_size, model_type, model_class)
     return directory
+
+
+def _check_format(format: str) -> None:
+    if format not in ("effir", "adapterhub"):
+        raise ValueError(f"format must be 'effir' or 'adapterhub', got {format!r}")
+
+
+def _write(directory: Path, format: str, name: str, cfg: AdapterConfig, tensors: dict, hidden_size: int,
+           model_type: str | None, model_class: str | None) -> None:
+    if format == "adapterhub":
+        adapterhub.write_adapterhub(directory, name, cfg, tensors, hidden_size, model_type, model_class)
+        return
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    meta = {"name": name, "hidden_size": hidden_size, "config": cfg.to_dict(), "format": "effir-adapter-1",
+            "model_type": model_type, "model_class": model_class}
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def convert_adapters(src, dst, *, format: str) -> Path:
+    """Rewrite the adapter saved in `src` (effir's or AdapterHub's format) into `dst` in `format` ("effir" or
+    "adapterhub"), without loading a model: both formats hold the same tensors under names that map one to
+    one. An AdapterHub config effir does not compute is refused as by `load_adapters`."""
+    _check_format(format)
+    meta, cfg, tensors = _read(Path(src))
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    _write(dst, format, meta["name"], cfg, tensors, int(meta["hidden_size"]), meta.get("model_type"),
+           meta.get("model_class"))
+    return dst
 
 
 def _read(directory: Path) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
