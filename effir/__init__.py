@@ -5,6 +5,7 @@ Public API (imported lazily, so `import effir` stays cheap and never imports Tri
 - Loss: `info_nce`, `InfoNCELoss`                      (effir.losses.info_nce)
   `MultipleNegativesRankingLoss`, `CachedMultipleNegativesRankingLoss` (sentence-transformers drop-ins)
                                                                   (effir.losses.mnrl, effir.losses.cached_mnrl)
+  `patch_sentence_transformers()` (those drop-ins inside an unchanged sentence-transformers script)  (effir.patching)
 - Adapters: `bottleneck_adapter`, `bottleneck_adapter_layernorm`, `BottleneckAdapter`,
   `add_adapters`, `save_adapters`, `load_adapters`, `AdapterConfig` presets  (effir.adapters)
 - Encoders: `load_encoder`                              (effir.encoders)
@@ -21,6 +22,8 @@ _EXPORTS = {
     "InfoNCELoss": "effir.losses.info_nce",
     "MultipleNegativesRankingLoss": "effir.losses.mnrl",
     "CachedMultipleNegativesRankingLoss": "effir.losses.cached_mnrl",
+    "patch_sentence_transformers": "effir.patching",
+    "unpatch_sentence_transformers": "effir.patching",
     "bottleneck_adapter": "effir.ops.bottleneck_adapter",
     "bottleneck_adapter_layernorm": "effir.ops.bottleneck_adapter",
     "BottleneckAdapter": "effir.adapters.modules",

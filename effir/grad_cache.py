@@ -46,13 +46,17 @@ class RngReplay:
         return fork.__exit__(*exc)
 
 
-def split_rows(features: Features, mini_batch_size: int) -> list[Features]:
+def split_rows(features: Features, mini_batch_size: int, max_tokens: int | None = None) -> list[Features]:
     """Cut tokenizer output ((B, T) tensors, usually with an "attention_mask") into chunks of at most
     `mini_batch_size` rows. With an attention mask, a chunk drops the trailing columns that are padding in all of its rows, so a chunk of short texts
     is embedded at its own width (the embeddings do not change: those positions are masked). Values that are
-    not batch-first tensors pass to every chunk unchanged."""
+    not batch-first tensors pass to every chunk unchanged. max_tokens (needs the attention mask): chunks of
+    consecutive rows holding at most that many real tokens instead (and at most mini_batch_size rows; a longer
+    row is a chunk alone), so memory follows tokens rather than texts on mixed-length data."""
     if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
         raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
     mask = features.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         b, t = mask.shape
@@ -62,13 +66,29 @@ def split_rows(features: Features, mini_batch_size: int) -> list[Features]:
         if first is None:
             raise ValueError(f"features must hold batch-first tensors (tokenizer output), got keys {sorted(features)}")
         b, t = first.shape[0], -1
+    if max_tokens is not None and mask is None:
+        raise ValueError("max_tokens needs an 'attention_mask' in the features (it counts real tokens)")
     chunks = []
-    for begin in range(0, b, mini_batch_size):
-        end = min(begin + mini_batch_size, b)
+    for begin, end in _ranges(mask, b, mini_batch_size, max_tokens):
         used = mask[begin:end].any(dim=0).nonzero() if mask is not None else None
         width = int(used.max()) + 1 if used is not None and used.numel() else t
         chunks.append({k: _rows(v, begin, end, width, b, t) for k, v in features.items()})
     return chunks
+
+
+def _ranges(mask, b: int, mini_batch_size: int, max_tokens: int | None) -> list[tuple[int, int]]:
+    if max_tokens is None:
+        return [(i, min(i + mini_batch_size, b)) for i in range(0, b, mini_batch_size)]
+    lengths = mask.sum(dim=1).tolist()
+    ranges, begin = [], 0
+    while begin < b:
+        end, tokens = begin + 1, lengths[begin]  # at least one row, however long
+        while end < b and end - begin < mini_batch_size and tokens + lengths[end] <= max_tokens:
+            tokens += lengths[end]
+            end += 1
+        ranges.append((begin, end))
+        begin = end
+    return ranges
 
 
 def _rows(v, begin: int, end: int, width: int, b: int, t: int):
@@ -88,11 +108,12 @@ def _progress(chunks, desc: str, show: bool):
 
 
 def embed_without_graph(encode: Callable[..., torch.Tensor], features: Features, mini_batch_size: int,
-                        device: torch.device, *, progress: bool = False
+                        device: torch.device, *, max_tokens: int | None = None, progress: bool = False
                         ) -> tuple[torch.Tensor, list[Features], list[RngReplay]]:
     """Step 1. Returns (embeddings (B, H) as a leaf that requires grad, the chunks, their RNG states).
-    `encode(**chunk)` -> (chunk, H); it runs under whatever autocast the caller holds. progress: a tqdm bar."""
-    chunks = split_rows(features, mini_batch_size)
+    `encode(**chunk)` -> (chunk, H); it runs under whatever autocast the caller holds. max_tokens: see
+    `split_rows`; progress: a tqdm bar."""
+    chunks = split_rows(features, mini_batch_size, max_tokens)
     states, parts = [], []
     with torch.no_grad():
         for chunk in _progress(chunks, "GradCache: embedding", progress):

@@ -5,6 +5,7 @@ MultipleNegativesRankingLoss / MultipleNegativesSymmetricRankingLoss on the same
                                   difference (abs) over anchors, positives and hard negatives; "model": the
                                   same through a tiny SentenceTransformer's forward (parameter gradients)
     python tests/_st_peer.py cached  -> "RESULT {json}": the GradCache losses of both libraries (dropout on)
+    python tests/_st_peer.py compat  -> "RESULT {json}": 5.x directions/partition_mode; patch_sentence_transformers
     python tests/_st_peer.py trainer -> "RESULT {json}": SentenceTransformerTrainer runs with each library's loss
                                   on the same model, data and seed: per-step losses, final parameters, model card
 Needs effir importable (PYTHONPATH=<repo>).
@@ -199,8 +200,60 @@ def cached() -> dict:
             theirs = lambda m: peer_cached(m, mini_batch_size=mini)  # noqa: E731,B023
             out[f"exact/{name}/mini{mini}"] = compare(exact, run(ours, symmetric, False))
             out[f"dropout/{name}/mini{mini}"] = compare(run(theirs, symmetric, True), run(ours, symmetric, True))
+        tokens = lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=4, mini_batch_num_tokens=9,  # noqa: E731
+                                                              symmetric=symmetric, backend="reference")
+        out[f"exact/{name}/tokens9"] = compare(exact, run(tokens, symmetric, False))
         out[f"peer_cached_vs_uncached/{name}"] = compare(exact, run(
             lambda m: peer_cached(m, mini_batch_size=3), symmetric, False))  # noqa: B023
+    return out
+
+
+def compat() -> dict:
+    """sentence-transformers 5.x's spelling of the symmetric loss (directions + partition_mode) against the same
+    arguments in sentence-transformers, float64 embeddings with a hard-negative column; and
+    effir.patch_sentence_transformers(): after it the names a script reads from sentence_transformers.losses are
+    effir's, built with sentence-transformers' arguments they give sentence-transformers' loss and gradients, and
+    unpatching restores the originals."""
+    import sentence_transformers.losses as st_losses
+    from sentence_transformers import util
+
+    import effir
+    from effir.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+
+    g = torch.Generator().manual_seed(5)
+    embs = [torch.randn(7, 33, generator=g, dtype=torch.float64) for _ in range(3)]
+
+    def run(loss, n_cols=3):
+        leaves = [e.clone().requires_grad_() for e in embs[:n_cols]]
+        value = loss.compute_loss_from_embeddings(leaves, torch.zeros(7))
+        return value.item(), torch.autograd.grad(value, leaves)
+
+    def diff(a, b):
+        return {"loss": [a[0], b[0]], "grad_max_abs_diff": max((x - y).abs().max().item() for x, y in zip(a[1], b[1])),
+                "grad_max_abs": max(x.abs().max().item() for x in a[1])}
+
+    sym = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+    out = {"directions": diff(run(st_losses.MultipleNegativesRankingLoss(torch.nn.Identity(), **sym)),
+                              run(MultipleNegativesRankingLoss(torch.nn.Identity(), backend="reference", **sym)))}
+    originals = {n: getattr(st_losses, n) for n in ("MultipleNegativesRankingLoss",
+                                                     "MultipleNegativesSymmetricRankingLoss")}
+    patched = effir.patch_sentence_transformers()
+    out["patched"] = patched
+    out["is_effir"] = st_losses.MultipleNegativesRankingLoss is MultipleNegativesRankingLoss and \
+        st_losses.CachedMultipleNegativesRankingLoss is CachedMultipleNegativesRankingLoss
+    out["patched_mnrl"] = diff(run(originals["MultipleNegativesRankingLoss"](torch.nn.Identity(), scale=30.0,
+                                                                              similarity_fct=util.dot_score)),
+                               run(st_losses.MultipleNegativesRankingLoss(torch.nn.Identity(), scale=30.0,
+                                                                          similarity_fct=util.dot_score)))
+    out["patched_mnsrl"] = diff(run(originals["MultipleNegativesSymmetricRankingLoss"](torch.nn.Identity()), 2),
+                                run(st_losses.MultipleNegativesSymmetricRankingLoss(torch.nn.Identity()), 2))
+    try:
+        st_losses.MultipleNegativesRankingLoss(torch.nn.Identity(), directions=("query_to_doc", "query_to_query"))
+        out["refused"] = None
+    except ValueError as exc:
+        out["refused"] = str(exc)
+    effir.unpatch_sentence_transformers()
+    out["restored"] = all(getattr(st_losses, n) is c for n, c in originals.items())
     return out
 
 
@@ -211,5 +264,7 @@ if __name__ == "__main__":
         print("RESULT " + json.dumps(trainer()))
     elif sys.argv[1:] == ["cached"]:
         print("RESULT " + json.dumps(cached()))
+    elif sys.argv[1:] == ["compat"]:
+        print("RESULT " + json.dumps(compat()))
     else:
         main()

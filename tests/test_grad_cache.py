@@ -55,6 +55,16 @@ def test_split_rows_chunks_and_trims_trailing_padding():
     assert all(c["scalar"].dim() == 0 for c in plain)
     with pytest.raises(ValueError, match="batch-first tensors"):
         grad_cache.split_rows({"prompt_length": 2}, 2)
+    # a token budget: consecutive rows up to 10 real tokens (and 3 rows), a longer row alone
+    lengths = [4, 5, 2, 12, 1, 1, 1, 1, 3]
+    mask = (torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]).long()
+    chunks = grad_cache.split_rows({"input_ids": mask * 7, "attention_mask": mask}, 3, max_tokens=10)
+    assert [int(c["attention_mask"].sum()) for c in chunks] == [9, 2, 12, 3, 4]
+    assert [c["attention_mask"].shape for c in chunks] == [(2, 5), (1, 2), (1, 12), (3, 1), (2, 3)]
+    with pytest.raises(ValueError, match="max_tokens needs an 'attention_mask'"):
+        grad_cache.split_rows({"x": torch.randn(3, 2)}, 2, max_tokens=4)
+    with pytest.raises(ValueError, match="max_tokens must be a positive int"):
+        grad_cache.split_rows(f, 2, max_tokens=0)
 
 
 def test_replay_gives_the_same_embeddings_under_dropout_and_leaves_the_rng_alone():

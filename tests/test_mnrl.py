@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from effir.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+from effir.losses import (CachedMultipleNegativesRankingLoss, CachedMultipleNegativesSymmetricRankingLoss,
+                          MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss)
 from tests._errors import assert_no_worse_than_torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,6 +173,39 @@ def test_sentence_transformers_trainer_trains_the_same_model(peer_python):
         assert r["card_names_loss"], (case, r)
 
 
+def test_sentence_transformers_5_arguments():
+    """directions / partition_mode (sentence-transformers 5.x) map onto symmetric; what has no fused form is
+    refused by name; the Symmetric classes are symmetric=True."""
+    both = ("query_to_doc", "doc_to_query")
+    assert not MultipleNegativesRankingLoss(nn.Identity(), directions=("query_to_doc",), partition_mode="per_direction").symmetric
+    loss = MultipleNegativesRankingLoss(nn.Identity(), directions=both, partition_mode="per_direction")
+    assert loss.symmetric and loss.get_config_dict()["directions"] == both
+    assert MultipleNegativesSymmetricRankingLoss(nn.Identity()).symmetric
+    assert CachedMultipleNegativesSymmetricRankingLoss(nn.Identity(), mini_batch_size=3).symmetric
+    for kw, match in (({"directions": both}, "partition_mode='joint' has no fused form"),
+                      ({"directions": ("query_to_doc", "doc_to_doc"), "partition_mode": "per_direction"}, "doc_to_doc"),
+                      ({"hardness_mode": "hard_negatives", "hardness_strength": 5.0}, "hardness_mode")):
+        with pytest.raises(ValueError, match=match):
+            MultipleNegativesRankingLoss(nn.Identity(), **kw)
+
+
+def test_compat_and_patching_against_sentence_transformers(peer_python):
+    """Peers env (sentence-transformers 5.7): the 5.x symmetric spelling gives sentence-transformers' loss and
+    gradients; after effir.patch_sentence_transformers() the classes a script reads from
+    sentence_transformers.losses are effir's and, built with sentence-transformers' arguments, give its loss and
+    gradients; arguments without a fused form are refused by name; unpatching restores the originals."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([str(peer_python), str(REPO / "tests" / "_st_peer.py"), "compat"], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert len(r["patched"]) == 4 and r["is_effir"] and r["restored"], r
+    assert "query_to_query" in r["refused"], r
+    for case in ("directions", "patched_mnrl", "patched_mnsrl"):
+        a, b = r[case]["loss"]
+        assert abs(a - b) <= 1e-13 * abs(a) and r[case]["grad_max_abs_diff"] <= 1e-12 * r[case]["grad_max_abs"], r
+
+
 @pytest.mark.parametrize("mini", [1, 4, 64])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
@@ -205,7 +239,7 @@ def test_cached_config_and_bad_input():
 
 def test_cached_loss_against_sentence_transformers(peer_python):
     """Against sentence-transformers 5.7 (peers env), tiny float64 SentenceTransformer, mini-batches of 1, 3 and
-    16 texts, MNRL with a hard-negative column and MNSRL: in eval mode the uncached loss's value and gradients
+    16 texts and a 9-token budget (mini_batch_num_tokens), MNRL with a hard-negative column and MNSRL: in eval mode the uncached loss's value and gradients
     (GradCache changes nothing); in train mode (dropout) sentence-transformers' cached loss from the same RNG
     state: the same loss (the same masks), gradients within its own cached-vs-uncached deviation (~1.4e-7)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -213,7 +247,7 @@ def test_cached_loss_against_sentence_transformers(peer_python):
                           text=True, env=env, timeout=300, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
-    assert len(result) == 14
+    assert len(result) == 16
     for case, r in result.items():
         assert r["n_grads"][0] == r["n_grads"][1] > 10, (case, r)
         if case.startswith("peer_cached_vs_uncached"):

@@ -8,8 +8,8 @@ column of the batch is embedded `mini_batch_size` texts at a time without autogr
 whole batch in one call (the B x (B + B*n) score matrix is never materialised, where sentence-transformers loops
 over row chunks of it) and its gradient with respect to the embeddings is kept; the trainer's `loss.backward()`
 then re-embeds each chunk from its recorded RNG state (dropout draws the same masks) and backpropagates it. The
-loss and gradients are MultipleNegativesRankingLoss's; arguments as there, plus `mini_batch_size` and
-`show_progress_bar`. `symmetric=True` is sentence-transformers' `CachedMultipleNegativesSymmetricRankingLoss`.
+loss and gradients are MultipleNegativesRankingLoss's; arguments as there, plus `mini_batch_size`,
+`mini_batch_num_tokens` (chunks by real-token budget instead of text count) and `show_progress_bar`. `symmetric=True` is sentence-transformers' `CachedMultipleNegativesSymmetricRankingLoss`.
 """
 from __future__ import annotations
 
@@ -30,12 +30,22 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
     uses_gradient_cache = True  # what sentence-transformers' wrappers (MatryoshkaLoss, ...) look for
 
     def __init__(self, model: nn.Module, scale: float = 20.0, similarity_fct: str | Callable = "cos_sim",
-                 mini_batch_size: int = 32, gather_across_devices: bool = False, show_progress_bar: bool = False,
-                 symmetric: bool = False, mask_same_label: bool = False, backend: str = "auto") -> None:
-        super().__init__(model, scale, similarity_fct, gather_across_devices, symmetric, mask_same_label, backend)
+                 mini_batch_size: int = 32, mini_batch_num_tokens: int | None = None,
+                 gather_across_devices: bool = False, directions: tuple[str, ...] = ("query_to_doc",),
+                 partition_mode: str = "joint", show_progress_bar: bool = False, hardness_mode: str | None = None,
+                 hardness_strength: float = 0.0, *, symmetric: bool = False, mask_same_label: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__(model, scale, similarity_fct, gather_across_devices, directions, partition_mode,
+                         hardness_mode, hardness_strength, symmetric=symmetric, mask_same_label=mask_same_label,
+                         backend=backend)
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
+        if mini_batch_num_tokens is not None and (isinstance(mini_batch_num_tokens, bool)
+                                                  or not isinstance(mini_batch_num_tokens, int)
+                                                  or mini_batch_num_tokens < 1):
+            raise ValueError(f"mini_batch_num_tokens must be a positive int or None, got {mini_batch_num_tokens!r}")
         self.mini_batch_size = mini_batch_size
+        self.mini_batch_num_tokens = mini_batch_num_tokens
         self.show_progress_bar = bool(show_progress_bar)
 
     def _embed(self, **features) -> Tensor:
@@ -46,6 +56,7 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         columns = list(sentence_features)
         device = next(v.device for v in columns[0].values() if isinstance(v, Tensor))
         cached = [grad_cache.embed_without_graph(self._embed, f, self.mini_batch_size, device,
+                                                 max_tokens=self.mini_batch_num_tokens,
                                                  progress=self.show_progress_bar) for f in columns]
         embeddings = [c[0] for c in cached]
         with torch.enable_grad():
@@ -62,7 +73,8 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                                                progress=self.show_progress_bar)
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {**super().get_config_dict(), "mini_batch_size": self.mini_batch_size}
+        return {**super().get_config_dict(), "mini_batch_size": self.mini_batch_size,
+                "mini_batch_num_tokens": self.mini_batch_num_tokens}
 
     @property
     def citation(self) -> str:
@@ -74,3 +86,15 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
     archivePrefix={arXiv},
     primaryClass={cs.LG}
 }"""
+
+
+class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRankingLoss):
+    """sentence-transformers' CachedMultipleNegativesSymmetricRankingLoss: the cached loss with symmetric=True."""
+
+    def __init__(self, model: nn.Module, scale: float = 20.0, similarity_fct: str | Callable = "cos_sim",
+                 mini_batch_size: int = 32, mini_batch_num_tokens: int | None = None,
+                 gather_across_devices: bool = False, show_progress_bar: bool = False, *,
+                 mask_same_label: bool = False, backend: str = "auto"):
+        super().__init__(model, scale, similarity_fct, mini_batch_size, mini_batch_num_tokens, gather_across_devices,
+                         show_progress_bar=show_progress_bar, symmetric=True, mask_same_label=mask_same_label,
+                         backend=backend)

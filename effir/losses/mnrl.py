@@ -13,8 +13,10 @@ batch size is bounded by the encoder, not by the loss.
 
 Two options sentence-transformers' class has in other forms:
 - `symmetric=True` also asks each positive to find its anchor among the batch's anchors and averages the two
-  directions: sentence-transformers' `MultipleNegativesSymmetricRankingLoss` (in 5.x: `directions=("query_to_doc",
-  "doc_to_query")`, `partition_mode="per_direction"`).
+  directions: sentence-transformers' `MultipleNegativesSymmetricRankingLoss`, and its 5.x spelling
+  `directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"`, which this class also takes.
+  The other 5.x combinations (query_to_query / doc_to_doc terms, a joint softmax over two directions, hardness
+  weighting) have no fused form: a ValueError names them.
 - `mask_same_label=True` reads the batch's `labels` (B,) integer ids as groups: candidate j is left out of anchor
   i's softmax when j's label equals i's (j != i), so the translation of a positive in a multilingual parallel
   batch is not a negative (effir.info_nce's query_groups / doc_groups; no sentence-transformers loss does this).
@@ -43,6 +45,19 @@ def _similarity_name(similarity_fct: str | Callable) -> str:
     return name
 
 
+def _symmetric_from_directions(directions, partition_mode: str) -> bool:
+    """sentence-transformers 5.x's (directions, partition_mode) -> effir's symmetric flag; ValueError where effir
+    has no fused form."""
+    dirs = tuple(directions) if isinstance(directions, (list, tuple)) else (directions,)
+    if set(dirs) == {"query_to_doc"}:
+        return False  # one direction: "joint" and "per_direction" are the same softmax
+    if set(dirs) == {"query_to_doc", "doc_to_query"} and partition_mode == "per_direction":
+        return True
+    raise ValueError(f"directions={dirs!r} with partition_mode={partition_mode!r} has no fused form in effir; "
+                     "supported: ('query_to_doc',), and ('query_to_doc', 'doc_to_query') with "
+                     "partition_mode='per_direction' (= symmetric=True)")
+
+
 class MultipleNegativesRankingLoss(nn.Module):
     """In-batch negatives ranking loss of sentence-transformers on effir's fused InfoNCE (module doc).
 
@@ -54,8 +69,9 @@ class MultipleNegativesRankingLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, scale: float = 20.0, similarity_fct: str | Callable = "cos_sim",
-                 gather_across_devices: bool = False, symmetric: bool = False, mask_same_label: bool = False,
-                 backend: str = "auto") -> None:
+                 gather_across_devices: bool = False, directions: tuple[str, ...] = ("query_to_doc",),
+                 partition_mode: str = "joint", hardness_mode: str | None = None, hardness_strength: float = 0.0,
+                 *, symmetric: bool = False, mask_same_label: bool = False, backend: str = "auto") -> None:
         super().__init__()
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < float(scale) < float("inf"):
             raise ValueError(f"scale must be a positive finite float, got {scale!r}")
@@ -63,7 +79,10 @@ class MultipleNegativesRankingLoss(nn.Module):
         self.scale = float(scale)
         self.similarity_fct = _similarity_name(similarity_fct)
         self.gather_across_devices = bool(gather_across_devices)
-        self.symmetric = bool(symmetric)
+        self.symmetric = bool(symmetric) or _symmetric_from_directions(directions, partition_mode)
+        if hardness_mode is not None and hardness_strength != 0.0:
+            raise ValueError(f"hardness_mode={hardness_mode!r} (hardness_strength={hardness_strength}) has no fused "
+                             "form in effir; use hardness_mode=None")
         self.mask_same_label = bool(mask_same_label)
         self.backend = backend
 
@@ -103,7 +122,9 @@ class MultipleNegativesRankingLoss(nn.Module):
     def get_config_dict(self) -> dict[str, Any]:
         """What sentence-transformers writes into a model card."""
         return {"scale": self.scale, "similarity_fct": self.similarity_fct,
-                "gather_across_devices": self.gather_across_devices, "symmetric": self.symmetric,
+                "gather_across_devices": self.gather_across_devices,
+                "directions": ("query_to_doc", "doc_to_query") if self.symmetric else ("query_to_doc",),
+                "partition_mode": "per_direction" if self.symmetric else "joint", "symmetric": self.symmetric,
                 "mask_same_label": self.mask_same_label, "backend": self.backend}
 
     @property
@@ -121,3 +142,12 @@ class MultipleNegativesRankingLoss(nn.Module):
     archivePrefix={arXiv},
     primaryClass={cs.CL}
 }"""
+
+
+class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
+    """sentence-transformers' MultipleNegativesSymmetricRankingLoss: MultipleNegativesRankingLoss(symmetric=True)."""
+
+    def __init__(self, model: nn.Module, scale: float = 20.0, similarity_fct: str | Callable = "cos_sim",
+                 gather_across_devices: bool = False, *, mask_same_label: bool = False, backend: str = "auto"):
+        super().__init__(model, scale, similarity_fct, gather_across_devices, symmetric=True,
+                         mask_same_label=mask_same_label, backend=backend)
