@@ -191,8 +191,8 @@ def test_grad_cache_run_matches_the_whole_batch_run_and_resumes_exactly(tiny, tm
     widths = []
     split = grad_cache.split_rows
 
-    def spy(features, n):
-        chunks = split(features, n)
+    def spy(features, n, max_tokens=None):
+        chunks = split(features, n, max_tokens)
         widths.extend(c["input_ids"].shape[0] for c in chunks)
         return chunks
 
