@@ -123,12 +123,16 @@ def embed_without_graph(encode: Callable[..., torch.Tensor], features: Features,
 
 
 def backward_through_chunks(encode: Callable[..., torch.Tensor], chunks: list[Features], states: list[RngReplay],
-                            grad: torch.Tensor, *, progress: bool = False) -> None:
+                            grad: torch.Tensor, *,
+                            autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                            progress: bool = False) -> None:
     """Step 3. Re-embed every chunk from its RNG state with autograd and backpropagate its rows of `grad`
-    ((B, H), the gradient of the loss with respect to step 1's embeddings) into the encoder's parameters."""
+    ((B, H), the gradient of the loss with respect to step 1's embeddings) into the encoder's parameters.
+    autocast: the context step 1 ran under (mixed precision), entered for each re-embedding only: the forward
+    must repeat step 1's exactly, and a backward does not belong under autocast."""
     begin = 0
     for chunk, state in _progress(list(zip(chunks, states)), "GradCache: backward", progress):
-        with state, torch.enable_grad():
+        with state, torch.enable_grad(), autocast():
             emb = encode(**chunk)
         n = emb.shape[0]
         emb.backward(grad[begin:begin + n].to(emb.dtype))
@@ -156,7 +160,15 @@ def dual_encoder_backward(encoder: Callable[..., torch.Tensor], loss_fn: Callabl
     doc_groups = groups if negatives is None else torch.cat([groups, negative_groups])
     loss = loss_fn(*embs, query_groups=groups, doc_groups=doc_groups)
     scale(loss).backward()  # to the embeddings (and the loss's own parameters, e.g. a learnable temperature)
-    with autocast():
-        for emb, chunks, states in cached:
-            backward_through_chunks(encoder, chunks, states, emb.grad)
+    for emb, chunks, states in cached:
+        backward_through_chunks(encoder, chunks, states, emb.grad, autocast=autocast)
     return loss.detach()
+
+
+def current_autocast(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context active now for `device` (enabled or not, its dtype): what a later
+    re-embedding (in a backward hook, outside the caller's autocast) must run under to repeat this forward."""
+    kind = device.type
+    enabled = torch.is_autocast_enabled(kind)
+    dtype = torch.get_autocast_dtype(kind)
+    return lambda: torch.autocast(kind, dtype=dtype, enabled=enabled)

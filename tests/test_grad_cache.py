@@ -107,3 +107,38 @@ def test_same_loss_and_gradients_as_the_whole_batch(mini_batch_size):
     for x, w in zip(params, want):
         assert w.abs().max() > 0
         torch.testing.assert_close(x.grad, w, rtol=1e-10, atol=1e-12 * float(w.abs().max()))
+
+
+def test_autocast_replay_and_backward_outside_it():
+    """Mixed precision: the re-embedding repeats the first pass under the same autocast (bf16 embeddings equal
+    bit for bit, dropout on) while its backward runs outside autocast (the fused adapter's backward would mix
+    dtypes under it); the GradCache step's gradients are the whole bf16 step's to bf16 rounding."""
+    enc = _encoder(dropout=0.2).float()
+    f = _features(8, 9, seed=3)
+    seen = []
+
+    def encode(**chunk):
+        out = enc(**chunk)
+        seen.append(out.detach().clone())
+        return out
+
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    with amp():
+        emb, chunks, states = grad_cache.embed_without_graph(encode, f, 3, torch.device("cpu"))
+    first = list(seen)
+    seen.clear()
+    grad_cache.backward_through_chunks(encode, chunks, states, torch.randn(emb.shape), autocast=amp)
+    assert all(torch.equal(a, b) for a, b in zip(first, seen)) and len(seen) == 3
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in enc.parameters() if p.requires_grad)
+
+    enc = _encoder(dropout=0.0).float()
+    q, p = _features(9, 7, seed=1), _features(9, 11, seed=2)
+    groups = torch.arange(9)
+    loss_fn = effir.InfoNCELoss(temperature=0.05, backend="reference")
+    params = [x for x in enc.parameters() if x.requires_grad]
+    with amp():
+        qe, pe = enc(**q), enc(**p)
+    want = torch.autograd.grad(loss_fn(qe, pe, query_groups=groups, doc_groups=groups), params)
+    grad_cache.dual_encoder_backward(enc, loss_fn, q, p, groups, 4, torch.device("cpu"), autocast=amp)
+    for x, w in zip(params, want):
+        assert float((x.grad - w).abs().max()) <= 3e-2 * float(w.abs().max())

@@ -228,6 +228,29 @@ def test_cached_loss_equals_the_uncached_one(mini, symmetric, masked):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_cached_loss_under_autocast_replays_in_the_forwards_precision():
+    """A trainer runs the loss's forward under autocast and its backward outside: the re-embedding in the
+    backward hook must still run in bf16 (the first pass's precision), or the cached gradients would belong to
+    other embeddings."""
+    torch.manual_seed(0)
+    model = _Encoder(dtype=torch.float32)
+    dtypes = []
+    forward = model.forward
+
+    def spy(features):
+        out = forward(features)
+        dtypes.append(out["sentence_embedding"].dtype)
+        return out
+
+    model.forward = spy
+    loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(_features(2, dtype=torch.float32), None)
+    value.backward()
+    assert len(dtypes) == 2 * 2 * 3 and set(dtypes) == {torch.bfloat16}  # 2 columns x 3 chunks, both passes
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_cached_config_and_bad_input():
     loss = CachedMultipleNegativesRankingLoss(nn.Identity(), mini_batch_size=7)
     assert loss.get_config_dict()["mini_batch_size"] == 7 and "gao2021scaling" in loss.citation

@@ -83,9 +83,11 @@ def test_full_finetune_saves_a_loadable_model(tiny, tmp_path):
     assert e.shape == (1, 32) and torch.isfinite(e).all()
 
 
+@pytest.mark.parametrize("mini_batch_size", [None, 3])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_runs_on_cpu(tiny, tmp_path, precision):
-    metrics = run(_cfg(tiny, tmp_path / precision, steps=3, precision=precision))
+def test_mixed_precision_runs_on_cpu(tiny, tmp_path, precision, mini_batch_size):
+    # with GradCache the re-embedding runs under the step's autocast and its backward outside it
+    metrics = run(_cfg(tiny, tmp_path / precision, steps=3, precision=precision, mini_batch_size=mini_batch_size))
     assert metrics["precision"] == precision
     assert all(torch.isfinite(torch.tensor(x)) for _, x in losses(tmp_path / precision))
     state = load_checkpoint(tmp_path / precision)

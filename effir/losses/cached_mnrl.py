@@ -55,6 +55,8 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         """The loss (a 0-dim leaf): its backward re-embeds the chunks and backpropagates into the model."""
         columns = list(sentence_features)
         device = next(v.device for v in columns[0].values() if isinstance(v, Tensor))
+        # the trainer's backward (which runs the re-embedding) is outside its autocast: keep this forward's
+        amp = grad_cache.current_autocast(device)
         cached = [grad_cache.embed_without_graph(self._embed, f, self.mini_batch_size, device,
                                                  max_tokens=self.mini_batch_num_tokens,
                                                  progress=self.show_progress_bar) for f in columns]
@@ -64,12 +66,12 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
             grads = torch.autograd.grad(loss, embeddings)
         out = loss.detach().requires_grad_(True)
         # the caller's backward scales `out` (gradient accumulation, fp16 loss scaling): pass that factor on
-        out.register_hook(lambda g: self._backward(cached, grads, g))
+        out.register_hook(lambda g: self._backward(cached, grads, g, amp))
         return out
 
-    def _backward(self, cached, grads, grad_output: Tensor) -> None:
+    def _backward(self, cached, grads, grad_output: Tensor, amp) -> None:
         for (_, chunks, states), g in zip(cached, grads):
-            grad_cache.backward_through_chunks(self._embed, chunks, states, g * grad_output,
+            grad_cache.backward_through_chunks(self._embed, chunks, states, g * grad_output, autocast=amp,
                                                progress=self.show_progress_bar)
 
     def get_config_dict(self) -> dict[str, Any]:
