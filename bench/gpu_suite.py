@@ -13,7 +13,7 @@ Sections (each guarded: an error is recorded in the results and the run goes on;
  5. bench.gpu.loss / bench.gpu.adapter / bench.gpu.ncu / bench.gpu.grad_cache / bench.gpu.encoder
     `.run(out, quick)` (other issues' sections, import-guarded: a missing module is recorded, not fatal; ncu:
     Nsight Compute counters of the fused kernels at the target sizes; grad_cache: GradCache's CUDA RNG replay and
-    gradients, a few seconds);
+    gradients, and a train step's time and memory with and without it);
  6. bench/gpu/cuda_ext.py: float64-reference checks of backend="cuda" (and "triton", same rule), cuda vs triton
     timings, SASS evidence (HGMMA / HMMA counts).
 Results: $OUT/suite.json (rewritten after every section), $OUT/cuda_ext.json, $OUT/build.log, plus whatever the
@@ -300,7 +300,7 @@ def _run_sections(args, out, deadline, skip, results, suite_json, section, prove
     q = args.quick
     # quick boxes: a fresh machine compiles every Triton variant first (the loss kernels take ~30 s of them)
     for name, box in (("loss", 130 if q else 150), ("adapter", 120 if q else 90), ("ncu", 60 if q else 90),
-                      ("grad_cache", 20), ("encoder", 15 if q else 60)):
+                      ("grad_cache", 60), ("encoder", 15 if q else 60)):
         if name == "ncu":  # a child process profiles: leave it the memory this one has cached
             torch.cuda.empty_cache()
         section(name, box, lambda name=name, box=box: call_other(f"bench.gpu.{name}", out, q, box - 10))
