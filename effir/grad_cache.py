@@ -46,17 +46,24 @@ class RngReplay:
         return fork.__exit__(*exc)
 
 
+def check_chunking(mini_batch_size, max_tokens=None, *, names=("mini_batch_size", "max_tokens")) -> None:
+    """ValueError naming the argument unless mini_batch_size is a positive int and max_tokens one or None."""
+    for name, value, optional in ((names[0], mini_batch_size, False), (names[1], max_tokens, True)):
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
+
+
 def split_rows(features: Features, mini_batch_size: int, max_tokens: int | None = None) -> list[Features]:
     """Cut tokenizer output ((B, T) tensors, usually with an "attention_mask") into chunks of at most
-    `mini_batch_size` rows. With an attention mask, a chunk drops the trailing columns that are padding in all of its rows, so a chunk of short texts
-    is embedded at its own width (the embeddings do not change: those positions are masked). Values that are
-    not batch-first tensors pass to every chunk unchanged. max_tokens (needs the attention mask): chunks of
-    consecutive rows holding at most that many real tokens instead (and at most mini_batch_size rows; a longer
-    row is a chunk alone), so memory follows tokens rather than texts on mixed-length data."""
-    if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
-        raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+    `mini_batch_size` rows. With an attention mask, a chunk drops the trailing columns that are padding in all
+    of its rows, so a chunk of short texts is embedded at its own width (the embeddings do not change: those
+    positions are masked). Values that are not batch-first tensors pass to every chunk unchanged. max_tokens
+    (needs the attention mask): chunks of consecutive rows holding at most that many real tokens instead (and
+    at most mini_batch_size rows; a longer row is a chunk alone), so memory follows tokens rather than texts on
+    mixed-length data."""
+    check_chunking(mini_batch_size, max_tokens)
     mask = features.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         b, t = mask.shape

@@ -258,6 +258,8 @@ def test_cached_config_and_bad_input():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="mini_batch_size must be a positive int"):
             CachedMultipleNegativesRankingLoss(nn.Identity(), mini_batch_size=bad)
+        with pytest.raises(ValueError, match="mini_batch_num_tokens must be a positive int or None"):
+            CachedMultipleNegativesRankingLoss(nn.Identity(), mini_batch_num_tokens=bad)
 
 
 def test_cached_loss_against_sentence_transformers(peer_python):

@@ -59,6 +59,7 @@ def test_config_file_errors(tmp_path):
     ({"resume": True}, "--resume needs --output-dir"),
     ({"mini_batch_size": 0}, "--mini-batch-size must be a positive integer"),
     ({"hard_negatives": -1}, "--hard-negatives must be an integer >= 0"),
+    ({"mini_batch_size": True}, "--mini-batch-size must be a positive integer"),
     ({"init_adapters": ".", "adapters": "none"}, "--init-adapters .* --adapters none"),
     ({"init_adapters": ".", "reduction_factor": 8.0}, "--reduction-factor cannot change"),
     ({"init_adapters": "/nonexistent/adapter"}, "--init-adapters: not a directory"),

@@ -100,12 +100,12 @@ def run(out=None, quick: bool = False, device: str = "cuda") -> dict:
 
 
 def _timing(dev, pairs: int, minis, reps: int = 3) -> dict:
-    import statistics
-
     import effir
     from effir import InfoNCELoss
     from effir.encoders import random_encoder
     from effir.grad_cache import dual_encoder_backward
+
+    from bench.gpu._timing import median_ms
 
     enc = random_encoder("xlm-roberta-base", tokenizer=None, device=dev)
     effir.add_adapters(enc.model, "seq_bn")
@@ -136,15 +136,7 @@ def _timing(dev, pairs: int, minis, reps: int = 3) -> dict:
             step()  # warm-up (Triton compiles)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(dev)
-            times = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            ms = statistics.median(times)
+            ms = median_ms(step, warmup=0, reps=reps)
             rows.append({"mini_batch_size": mini, "ms": ms, "tokens_per_s": tokens / ms * 1e3,
                          "peak_gib_above_weights": (torch.cuda.max_memory_allocated(dev) - base) / 2**30})
         except torch.cuda.OutOfMemoryError as exc:

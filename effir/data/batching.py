@@ -75,7 +75,7 @@ class HardNegatives:
     """
 
     def __init__(self, groups: Sequence[ParallelGroup], k: int):
-        if not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k (hard negatives per item) must be a positive int, got {k!r}")
         self.groups, self.k = groups, k
         self._by_lang: dict[str, list[int]] = {}
@@ -102,8 +102,9 @@ class HardNegatives:
                 if h != it.group_index:
                     picked.append((self.groups[h].items[lang][1], h))
             if len(picked) < self.k:
+                gid = self.groups[it.group_index].group_id
                 raise ValueError(f"hard negatives: language {lang!r} has a single group in the training data; "
-                                 f"no other passage can fill the {self.k} negatives of {self.groups[it.group_index].group_id!r}")
+                                 f"no other passage can fill the {self.k} negatives of {gid!r}")
             for n, (text, src) in enumerate(picked):
                 gid = by_text.get(text.strip())
                 if gid is None and src is not None and src in ids:

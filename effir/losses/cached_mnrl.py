@@ -38,12 +38,8 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         super().__init__(model, scale, similarity_fct, gather_across_devices, directions, partition_mode,
                          hardness_mode, hardness_strength, symmetric=symmetric, mask_same_label=mask_same_label,
                          backend=backend)
-        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
-        if mini_batch_num_tokens is not None and (isinstance(mini_batch_num_tokens, bool)
-                                                  or not isinstance(mini_batch_num_tokens, int)
-                                                  or mini_batch_num_tokens < 1):
-            raise ValueError(f"mini_batch_num_tokens must be a positive int or None, got {mini_batch_num_tokens!r}")
+        grad_cache.check_chunking(mini_batch_size, mini_batch_num_tokens,
+                                  names=("mini_batch_size", "mini_batch_num_tokens"))
         self.mini_batch_size = mini_batch_size
         self.mini_batch_num_tokens = mini_batch_num_tokens
         self.show_progress_bar = bool(show_progress_bar)

@@ -128,6 +128,13 @@ class TrainConfig:
             if value not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {value!r}")
 
+        def integer(name, value, minimum, optional=True):
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+                raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+
         def positive(name, value, allow_zero=False):
             if value is None:
                 return
@@ -156,13 +163,9 @@ class TrainConfig:
         positive("epochs", self.epochs)
         positive("eval_max_paragraphs", self.eval_max_paragraphs)
         positive("save_every", self.save_every, allow_zero=True)
-        if self.mini_batch_size is not None and (not isinstance(self.mini_batch_size, int)
-                                                 or isinstance(self.mini_batch_size, bool) or self.mini_batch_size < 1):
-            raise ValueError(f"--mini-batch-size must be a positive integer, got {self.mini_batch_size!r}")
-        if not isinstance(self.hard_negatives, int) or isinstance(self.hard_negatives, bool) or self.hard_negatives < 0:
-            raise ValueError(f"--hard-negatives must be an integer >= 0, got {self.hard_negatives!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"--steps must be a positive integer, got {self.steps!r}")
+        integer("mini_batch_size", self.mini_batch_size, 1)
+        integer("hard_negatives", self.hard_negatives, 0, optional=False)
+        integer("steps", self.steps, 1)
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give either --steps or --epochs, not both")
         if not self.sources:

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
 from effir import grad_cache
 from effir.data.batching import HardNegatives
 
+from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import RunContext, all_reduce_sum
 from .metrics_log import JsonlLog

@@ -293,8 +293,9 @@ def _sampler_stats(sampler):
 def _report(cfg: TrainConfig, metrics: dict, out: Path, print_fn) -> None:
     tr = metrics["training"]
     params = metrics.get("parameters", {})
+    adapters = cfg.adapters if cfg.init_adapters is None else f"from {cfg.init_adapters}"
     print_fn(f"\nmodel: {cfg.model}{' (multilingual-e5-small, 4-bit weights)' if cfg.model == 'multilingual-e5-small' else ''}; "
-             f"adapters: {cfg.adapters if cfg.init_adapters is None else 'from ' + cfg.init_adapters}; sampling: {cfg.sampling} (alpha {cfg.alpha}); "
+             f"adapters: {adapters}; sampling: {cfg.sampling} (alpha {cfg.alpha}); "
              f"trainable parameters: {params.get('trainable', 0):,} of {params.get('total', 0):,}")
     eps, tps = tr.get("examples_per_s"), tr.get("tokens_per_s")
     print_fn(f"training: {tr['steps_done']} steps in {tr['train_wall_s']:.1f} s"
