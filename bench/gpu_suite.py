@@ -299,7 +299,7 @@ def _run_sections(args, out, deadline, skip, results, suite_json, section, prove
     section("ceilings", 40, lambda: ceilings.run(out, args.quick))
     q = args.quick
     # quick boxes: a fresh machine compiles every Triton variant first (the loss kernels take ~30 s of them)
-    for name, box in (("loss", 130 if q else 150), ("adapter", 120 if q else 90), ("ncu", 60 if q else 90),
+    for name, box in (("loss", 130 if q else 150), ("adapter", 240 if q else 150), ("ncu", 60 if q else 90),
                       ("grad_cache", 60), ("encoder", 15 if q else 60)):
         if name == "ncu":  # a child process profiles: leave it the memory this one has cached
             torch.cuda.empty_cache()

@@ -533,7 +533,7 @@ def _sum_parts_kernel(PART, TOTAL, N_USED, SPLITS, O0, O1, O2, O3, O4, O5, E1, E
 
 
 def _blocks(d: int, r: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_K, BLOCK_R): rows per program, d-chunk width, padded r (tl.dot needs >= 16).
+    """(BLOCK_M, BLOCK_K, BLOCK_R) defaults: rows per program, d-chunk width, padded r (tl.dot needs >= 16).
 
     Register tiles are (BLOCK_M, BLOCK_R) for the r-wide intermediate and (BLOCK_M, BLOCK_K) for a d-chunk;
     shared-memory operands are (BLOCK_K, BLOCK_R) weight chunks, so no size depends on d.
@@ -542,17 +542,31 @@ def _blocks(d: int, r: int, dtype: torch.dtype):
     block_r = max(16, triton.next_power_of_2(r))
     block_k = max(16, min(32 if dtype == torch.float64 else 64, triton.next_power_of_2(d)))
     block_m = max(16, min(64, budget // block_r))
-    if dtype in (torch.float16, torch.bfloat16):
-        block_m = _rows_block_m(block_m)
     return block_m, block_k, block_r
 
 
-def _rows_block_m(default: int) -> int:
-    """EFFIR_ADAPTER_ROWS_BLOCK_M (16-bit inputs): rows per program of the forward and row-gradient kernels,
-    32 / 64 / 128 instead of `default` (more rows: the weight chunks are re-read by fewer programs, but the
-    (BLOCK_M, BLOCK_K) fp32 tiles take more registers). Timed side by side by bench/gpu/adapter.py."""
-    v = env_choice("EFFIR_ADAPTER_ROWS_BLOCK_M", ("32", "64", "128"), None)
-    return default if v is None else int(v)
+_TILE_CHOICES = tuple(f"{m}x{k}x{w}" for m in (16, 32, 64, 128, 256) for k in (16, 32, 64, 128, 256)
+                      for w in (1, 2, 4, 8, 16))
+
+
+def _tile(kernel: str, d: int, r: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_K, BLOCK_R, num_warps) of the forward (kernel="fwd") or row-gradient ("bwd") kernel.
+
+    16-bit inputs read EFFIR_ADAPTER_FWD_TILE / EFFIR_ADAPTER_BWD_TILE, else EFFIR_ADAPTER_TILE, as
+    "BLOCK_MxBLOCK_KxWARPS" (e.g. "128x64x8"): more rows per program re-read the weight chunks (from L2) for
+    fewer programs, wider chunks mean fewer, larger tensor-core steps, both at the cost of registers. Timed side
+    by side by bench/gpu/adapter.py. fp32 / fp64 always take the defaults (their tests pin the rounding)."""
+    bm, bk, br = _blocks(d, r, dtype)
+    warps = _warps(bm, bk, br)
+    if dtype in (torch.float16, torch.bfloat16):
+        name = f"EFFIR_ADAPTER_{kernel.upper()}_TILE"
+        v = env_choice(name, _TILE_CHOICES, None)
+        if v is None:
+            name = "EFFIR_ADAPTER_TILE"
+            v = env_choice(name, _TILE_CHOICES, None)
+        if v is not None:
+            bm, bk, warps = (int(x) for x in v.split("x"))
+    return bm, bk, br, warps
 
 
 def _stages(x: torch.Tensor) -> int:
@@ -592,14 +606,14 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
     if z_out is not None and not (pre_ln and res is not None):
         raise ValueError("z_out is only written by the Pfeiffer variant (pre_ln=True) with a residual res")
     y = torch.empty_like(x)
-    bm, bk, br = _blocks(d, r, x.dtype)
+    bm, bk, br, warps = _tile("fwd", d, r, x.dtype)
     dummy = x  # never read when the flag is off
     _fwd_kernel[(triton.cdiv(m, bm),)](
         x, res if res is not None else dummy, w_down, b_down, w_up, b_up,
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy, y,
         z_out if z_out is not None else dummy, m, d, r, *_scalar_args(x, scaling, eps), BLOCK_M=bm, BLOCK_K=bk,
         BLOCK_R=br, ACT=ACT_IDS[activation], HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln,
-        num_warps=_warps(bm, bk, br), num_stages=_stages(x), WRITE_Z=z_out is not None, **_flags(x))
+        num_warps=warps, num_stages=_stages(x), WRITE_Z=z_out is not None, **_flags(x))
     return y
 
 
@@ -635,7 +649,7 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     r = w_down.shape[0]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     dev = x.device
-    bm, bk, br = _blocks(d, r, x.dtype)
+    bm, bk, br, warps = _tile("bwd", d, r, x.dtype)
     dx = torch.empty_like(x)
     dres = torch.empty_like(x) if res is not None else None
     # act(a) and d(a) rows in the input dtype: what the weight-gradient GEMMs take (as torch's own autograd
@@ -662,7 +676,7 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     _bwd_rows_kernel[(n_blocks,)](
         dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb, dx,
         dres if has_res else dummy, hbuf, dabuf, stats, dv, u, pcol, m, d, r, *sc,
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=_warps(bm, bk, br),
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
         num_stages=_stages(x), COL_SUMS=gemm, LN_GRADS=ln_param_grads, **flags)
     if gemm:
         grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln else None, hbuf, dabuf, pcol, scaling,

@@ -216,10 +216,14 @@ def test_triton_param_gradient_paths(path, dtype, variant, monkeypatch):
     check_all(variant, make_inputs((157,), 200, 24, seed=13), dtype, "triton", "gelu")
 
 
-@pytest.mark.parametrize("rows", ["32", "128"])
-def test_triton_rows_per_program(rows, monkeypatch):
-    """The forward / row-gradient kernels with other row-block heights (EFFIR_ADAPTER_ROWS_BLOCK_M, 16-bit)."""
-    monkeypatch.setenv("EFFIR_ADAPTER_ROWS_BLOCK_M", rows)
+@pytest.mark.parametrize("tiles", [{"EFFIR_ADAPTER_TILE": "32x64x4"}, {"EFFIR_ADAPTER_TILE": "128x32x8"},
+                                   {"EFFIR_ADAPTER_FWD_TILE": "16x128x4", "EFFIR_ADAPTER_BWD_TILE": "128x256x16"}],
+                         ids=["32x64", "128x32", "fwd16x128-bwd128x256"])
+def test_triton_tiles(tiles, monkeypatch):
+    """The forward / row-gradient kernels with other tiles (EFFIR_ADAPTER_*TILE, 16-bit), also a different one
+    per kernel: chunks wider than d (256 > 200) and row blocks taller than the 157 tokens included."""
+    for name, value in tiles.items():
+        monkeypatch.setenv(name, value)
     check_all("ln_pre", make_inputs((157,), 200, 24, seed=17), torch.bfloat16, "triton", "silu")
 
 

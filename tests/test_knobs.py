@@ -11,11 +11,12 @@ from kernels._knobs import env_choice
 KNOBS = [
     ("EFFIR_TRITON_LOSS_BWD", "fast", loss.backward_variant, "blocked"),
     ("EFFIR_TRITON_GEMM_ORDER", "diagonal", loss.gemm_order, "row"),
-    ("EFFIR_TRITON_LOSS_GEMM", "cutlass", loss.gemm_engine, "triton"),
+    ("EFFIR_TRITON_LOSS_GEMM", "cutlass", loss.gemm_engine, "cublas"),
     ("EFFIR_TRITON_DS_BLOCK", "3", loss.ds_block_factor, 2),
     ("EFFIR_ADAPTER_PARAMS", "atomic", adapter.params_path, "gemm"),
     ("EFFIR_ADAPTER_PARAMS_BLOCK_M", "48", adapter._params_block_m, 16),
-    ("EFFIR_ADAPTER_ROWS_BLOCK_M", "48", lambda: adapter._blocks(768, 48, torch.bfloat16)[0], 64),
+    ("EFFIR_ADAPTER_TILE", "48x64x8", lambda: adapter._tile("fwd", 768, 48, torch.bfloat16), (64, 64, 64, 8)),
+    ("EFFIR_ADAPTER_BWD_TILE", "64x64", lambda: adapter._tile("bwd", 768, 48, torch.bfloat16), (64, 64, 64, 8)),
 ]
 
 
@@ -31,3 +32,11 @@ def test_knob_default_and_refusal(name, bad, reader, default, monkeypatch):
 def test_env_choice_returns_the_set_value(monkeypatch):
     monkeypatch.setenv("EFFIR_TEST_KNOB", "b")
     assert env_choice("EFFIR_TEST_KNOB", ("a", "b"), "a") == "b"
+
+
+def test_adapter_tile_per_kernel_overrides_the_shared_one(monkeypatch):
+    monkeypatch.setenv("EFFIR_ADAPTER_TILE", "128x32x16")
+    monkeypatch.setenv("EFFIR_ADAPTER_BWD_TILE", "32x128x4")
+    assert adapter._tile("fwd", 768, 48, torch.bfloat16) == (128, 32, 64, 16)
+    assert adapter._tile("bwd", 768, 48, torch.bfloat16) == (32, 128, 64, 4)
+    assert adapter._tile("bwd", 768, 48, torch.float32) == (64, 64, 64, 8)  # fp32 keeps its default

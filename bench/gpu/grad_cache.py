@@ -6,7 +6,9 @@ On a tiny random BERT with seq_bn adapters, 24 query / passage pairs, chunks of 
                 first pass's embeddings bit for bit (the same CUDA dropout masks);
   grads:        without dropout in fp32 (TF32 off), the GradCache gradients against the whole-batch step's,
                 with the fused InfoNCE on its GPU backend (auto): max relative error over the adapter tensors;
-  rng_untouched: the CUDA generator after the step is where the first pass left it.
+  rng_untouched: the CUDA generator after the step is where the first pass left it;
+  replay_nograd_exact / grad_mode_changes_embeddings: the replay without autograd (the RNG alone), and one
+                chunk embedded with and without autograd (no dropout): which of the two a difference comes from.
 Then the cost it trades (`timing`): one train step (forward + backward, bf16 autocast, fp32 weights, seq_bn
 adapters, fused InfoNCE) of an xlm-roberta-base-shaped encoder with RANDOM weights on a batch of random token ids
 (pairs of 16-64-token queries and passages), whole batch vs GradCache chunks: median ms (CUDA events), tokens/s
@@ -33,6 +35,11 @@ def _encoder(dropout: float, device):
             if "effir_adapters" in n:
                 p.normal_(0.0, 0.1)
     return Encoder(model.to(device).train(), None, name="tiny", max_length=64)
+
+
+def _max_rel_diff(a: list, b: list) -> float:
+    return max(float((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30))
+               for x, y in zip(a, b)) if a and len(a) == len(b) else float("nan")
 
 
 def _batch(b, t, seed, device):
@@ -70,8 +77,25 @@ def run(out=None, quick: bool = False, device: str = "cuda") -> dict:
     backward_through_chunks(encode, chunks, states, torch.ones_like(emb),
                             autocast=lambda: torch.autocast(dev.type, dtype=torch.bfloat16))
     res["replay_exact"] = len(first) == len(seen) == 5 and all(torch.equal(a, b) for a, b in zip(first, seen))
+    res["replay_max_rel_diff"] = _max_rel_diff(first, seen)
     now = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.get_rng_state()
     res["rng_untouched"] = bool(torch.equal(now, after))
+    # The third H100 run found the replay under autograd 2e-6 relative off the first pass, not bit-exact. Which
+    # part differs: the replay without autograd (the RNG alone), and autograd alone (no dropout, no replay)
+    seen.clear()
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+        for chunk, state in zip(chunks, states):
+            with state:
+                encode(**chunk)
+    res["replay_nograd_exact"] = len(seen) == 5 and all(torch.equal(a, b) for a, b in zip(first, seen))
+    plain = _encoder(0.0, dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        with torch.no_grad():
+            e_nograd = plain(**chunks[0])
+        e_grad = plain(**chunks[0]).detach()
+    res["grad_mode_changes_embeddings"] = not torch.equal(e_nograd, e_grad)
+    res["grad_mode_max_rel_diff"] = _max_rel_diff([e_nograd], [e_grad])
+    del plain
 
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -85,8 +109,13 @@ def run(out=None, quick: bool = False, device: str = "cuda") -> dict:
         rel = max(float((x.grad - w).abs().max() / w.abs().max()) for x, w in zip(params, want))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    res.update(loss_whole=float(whole), loss_cached=float(loss), grad_max_rel_err=rel)
-    res["ok"] = res["replay_exact"] and res["rng_untouched"] and rel < 1e-4 and abs(float(loss) - float(whole)) < 1e-5
+    res.update(loss_whole=float(whole.detach()), loss_cached=float(loss), grad_max_rel_err=rel)
+    # the dropout masks replay when the RNG alone replays bit for bit; a replay under autograd may then still
+    # differ by what autograd alone changes (other kernels), but by no more than bf16 rounding, far below the
+    # O(1) change of a different dropout mask
+    masks_replay = res["replay_nograd_exact"] and (res["replay_exact"] or (
+        res["grad_mode_changes_embeddings"] and res["replay_max_rel_diff"] < 3e-2))
+    res["ok"] = masks_replay and res["rng_untouched"] and rel < 1e-4 and abs(float(loss) - res["loss_whole"]) < 1e-5
     if dev.type == "cuda":
         del enc
         torch.cuda.empty_cache()

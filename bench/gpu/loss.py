@@ -91,8 +91,9 @@ def correctness(backends, quick, deadline):
             variants.append(("triton-fused-bwd", "triton", {"EFFIR_TRITON_LOSS_BWD": "fused"}))
         rows_, cols_ = block_shape(B, B + M, d)
         if "triton" in backends and (B > rows_ or B + M > cols_):  # several dS blocks: every GEMM step,
-            variants += [("triton-mcol", "triton", {"EFFIR_TRITON_GEMM_ORDER": "column"}),
-                         ("triton-cublas", "triton", {"EFFIR_TRITON_LOSS_GEMM": "cublas"})]
+            variants += [("triton-mcol", "triton", {"EFFIR_TRITON_GEMM_ORDER": "column",
+                                                          "EFFIR_TRITON_LOSS_GEMM": "triton"}),
+                         ("triton-tgemm", "triton", {"EFFIR_TRITON_LOSS_GEMM": "triton"})]
         for label, be, env in variants:
             try:
                 with env_vars(**env):
@@ -199,10 +200,8 @@ def contestants(backends, quick=False):
         out[name] = (fn, note, dense)
     if "triton" in backends:  # the other backward designs, side by side (blocked, square dS blocks is the default)
         out["effir_triton_ds1x"] = (_effir_triton_env(EFFIR_TRITON_DS_BLOCK="1"), "EFFIR_TRITON_DS_BLOCK=1", False)
-        out["effir_triton_mcol"] = (_effir_triton_env(EFFIR_TRITON_GEMM_ORDER="column"),
-                                    "EFFIR_TRITON_GEMM_ORDER=column", False)
-        out["effir_triton_cublas"] = (_effir_triton_env(EFFIR_TRITON_LOSS_GEMM="cublas"),
-                                      "EFFIR_TRITON_LOSS_GEMM=cublas", False)
+        out["effir_triton_tgemm"] = (_effir_triton_env(EFFIR_TRITON_LOSS_GEMM="triton"),
+                                     "EFFIR_TRITON_LOSS_GEMM=triton", False)
     out["torch_eager"] = (_eager, None, True)
     fn, note = _st_mnrl()
     out["st_mnrl"] = (fn, note, True)
@@ -306,7 +305,7 @@ def _summary(rows):
     s = {"triton_ms": tri["fwd_bwd_ms"], "triton_frac_of_matmul": tri.get("frac_of_matmul"),
          "triton_peak_bytes": tri["peak_bytes"],
          "inputs_bytes": 2 * 32768 * 768 * 2}
-    for alt in ("effir_triton_fused_bwd", "effir_triton_ds1x", "effir_triton_mcol", "effir_triton_cublas"):
+    for alt in ("effir_triton_fused_bwd", "effir_triton_ds1x", "effir_triton_tgemm"):
         if alt in at:
             s[f"{alt[6:]}_ms"] = at[alt]["fwd_bwd_ms"]
     for peer in ("memeff", "inf_cl", "torch_eager", "torch_compile", "st_mnrl"):

@@ -169,6 +169,9 @@ def _ln_pre_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], *inputs[2:8])  # z and the parameters: one activation, as with the add
     ctx.args = tuple(inputs[8:])
     ctx.mark_non_differentiable(output[1])
+    # z has no gradient: without this, autograd would fill a zero (M, d) tensor for it on every backward (a
+    # 100 MB memset at 65536 x 768 in bf16, 33 us of the third H100 run's step)
+    ctx.set_materialize_grads(False)
 
 
 def _ln_pre_backward(ctx, dy, _dz):
