@@ -301,8 +301,9 @@ def _run_sections(args, out, deadline, skip, results, suite_json, section, prove
     # quick boxes: a fresh machine compiles every Triton variant first (the loss kernels take ~30 s of them)
     for name, box in (("loss", 130 if q else 150), ("adapter", 240 if q else 150), ("ncu", 60 if q else 90),
                       ("grad_cache", 60), ("encoder", 15 if q else 60)):
-        if name == "ncu":  # a child process profiles: leave it the memory this one has cached
-            torch.cuda.empty_cache()
+        # each section starts with the cache released (ncu: a child process profiles and needs the memory; run 4's
+        # grad_cache section ran out of memory after the adapter section's failed graph captures)
+        torch.cuda.empty_cache()
         section(name, box, lambda name=name, box=box: call_other(f"bench.gpu.{name}", out, q, box - 10))
 
     def build():

@@ -559,14 +559,22 @@ def _tile(kernel: str, d: int, r: int, dtype: torch.dtype):
     bm, bk, br = _blocks(d, r, dtype)
     warps = _warps(bm, bk, br)
     if dtype in (torch.float16, torch.bfloat16):
-        name = f"EFFIR_ADAPTER_{kernel.upper()}_TILE"
-        v = env_choice(name, _TILE_CHOICES, None)
+        bm, bk, warps = _TILE_16BIT[kernel]
+        v = env_choice(f"EFFIR_ADAPTER_{kernel.upper()}_TILE", _TILE_CHOICES, None)
         if v is None:
-            name = "EFFIR_ADAPTER_TILE"
-            v = env_choice(name, _TILE_CHOICES, None)
+            v = env_choice("EFFIR_ADAPTER_TILE", _TILE_CHOICES, None)
         if v is not None:
             bm, bk, warps = (int(x) for x in v.split("x"))
+        bk = max(16, min(bk, triton.next_power_of_2(d)))  # no chunk wider than the row needs
     return bm, bk, br, warps
+
+
+# 16-bit defaults (BLOCK_M, BLOCK_K, warps), the fastest per kernel in the H100 tile sweep of run 4
+# (bench/results/gpu_h100_2026-11-27_run4, seq_bn at 65536 tokens, d = 768, r = 48, profiler times): forward
+# 306 us at 32x128x4 against 513 at the former 64x64x8; row-gradient kernel 641 us at 64x64x4 against 971.
+# Four warps and short row blocks win: more programs per SM hide the chunk loops' load latency (the 8-warp
+# tiles ran at 12.5% occupancy, register-bound, in run 3's Nsight Compute counters).
+_TILE_16BIT = {"fwd": (32, 128, 4), "bwd": (64, 64, 4)}
 
 
 def _stages(x: torch.Tensor) -> int:

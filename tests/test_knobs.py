@@ -15,8 +15,8 @@ KNOBS = [
     ("EFFIR_TRITON_DS_BLOCK", "3", loss.ds_block_factor, 2),
     ("EFFIR_ADAPTER_PARAMS", "atomic", adapter.params_path, "gemm"),
     ("EFFIR_ADAPTER_PARAMS_BLOCK_M", "48", adapter._params_block_m, 16),
-    ("EFFIR_ADAPTER_TILE", "48x64x8", lambda: adapter._tile("fwd", 768, 48, torch.bfloat16), (64, 64, 64, 8)),
-    ("EFFIR_ADAPTER_BWD_TILE", "64x64", lambda: adapter._tile("bwd", 768, 48, torch.bfloat16), (64, 64, 64, 8)),
+    ("EFFIR_ADAPTER_TILE", "48x64x8", lambda: adapter._tile("fwd", 768, 48, torch.bfloat16), (32, 128, 64, 4)),
+    ("EFFIR_ADAPTER_BWD_TILE", "64x64", lambda: adapter._tile("bwd", 768, 48, torch.bfloat16), (64, 64, 64, 4)),
 ]
 
 
@@ -40,3 +40,4 @@ def test_adapter_tile_per_kernel_overrides_the_shared_one(monkeypatch):
     assert adapter._tile("fwd", 768, 48, torch.bfloat16) == (128, 32, 64, 16)
     assert adapter._tile("bwd", 768, 48, torch.bfloat16) == (32, 128, 64, 4)
     assert adapter._tile("bwd", 768, 48, torch.float32) == (64, 64, 64, 8)  # fp32 keeps its default
+    assert adapter._tile("fwd", 24, 4, torch.bfloat16) == (128, 32, 16, 16)  # chunks no wider than the row

@@ -54,6 +54,35 @@ def graph_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def queued_ms(fn, reps: int = 10, warmup: int = 3) -> dict:
+    """Milliseconds per call of `fn()` on the GPU without a CUDA graph, for steps that cannot be captured: the
+    stream is first held by a GPU spin (torch.cuda._sleep) long enough for the host to enqueue all `reps` calls,
+    so the events around them time the GPU's work alone, back to back, not the host's launch rate (the lent
+    VM's launch path is slow enough to bound an eager step). {"ms", "host_ms": enqueue time per call,
+    "queued": whether the spin outlasted the enqueueing, i.e. the number is the GPU's}."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    guess_ms = (time.perf_counter() - t) * 1e3
+    spin_ms = 2.0 * reps * guess_ms + 20.0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(spin_ms * 1e-3 * 2.0e9))  # cycles; at most 2 GHz on these cards: spins >= spin_ms
+    start.record()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host_ms = (time.perf_counter() - t) * 1e3
+    queued = not start.query()  # the spin still runs: every call was enqueued before the first one started
+    end.record()
+    end.synchronize()
+    return {"ms": start.elapsed_time(end) / reps, "host_ms": host_ms / reps, "queued": bool(queued)}
+
+
 def kernel_breakdown(fn, steps: int = 3, top: int = 12) -> list[dict]:
     """Per-kernel GPU time of `fn()` from torch.profiler (CUPTI): [{name, calls_per_step, us_per_step}], largest
     first. Says where a step's GPU time goes when the totals disappoint (host-side time is not in it)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu._timing import env_vars, graph_ms, kernel_breakdown
+from bench.gpu._timing import env_vars, graph_ms, kernel_breakdown, queued_ms
 from tests._errors import _ULPS, FACTOR, rel_err
 
 from effir.backends import available_backends
@@ -177,10 +177,21 @@ def _adapterhub_fn(variant, d, r, act, scaling):
     return f, list(mod.parameters())
 
 
-# design knobs timed at the target shape (EFFIR_ADAPTER_TILE = rows x chunk width x warps; default 64x64x8)
-TILES = {"ln_pre": ("128x64x8", "128x64x16", "128x128x16", "64x128x8", "256x64x16", "32x64x4", "64x64x4",
-                    "32x128x4", "128x32x8"),
-         "ln": ("128x64x8", "128x64x16", "128x128x16", "64x128x8")}
+# design knobs timed at the target shape: EFFIR_ADAPTER_TILE = rows x chunk width x warps, or "fwd/bwd" tiles for
+# the two kernels (the defaults, kernels/bottleneck_adapter._TILE_16BIT, come from run 4's sweep)
+TILES = {"ln_pre": ("64x64x8", "32x256x4/64x32x4", "16x128x4/32x64x4", "32x128x8/64x128x4", "64x128x4/128x64x4"),
+         "ln": ("64x64x8", "128x128x16/128x64x8", "32x256x4/64x32x4", "16x128x4/32x64x4")}
+
+
+def _tile_env(tile: str) -> dict:
+    if "/" in tile:
+        fwd, bwd = tile.split("/")
+        return {"EFFIR_ADAPTER_FWD_TILE": fwd, "EFFIR_ADAPTER_BWD_TILE": bwd}
+    return {"EFFIR_ADAPTER_TILE": tile}
+
+
+def _tile_of(env: dict, kernel: str) -> str:
+    return env.get(f"EFFIR_ADAPTER_{kernel.upper()}_TILE") or env.get("EFFIR_ADAPTER_TILE") or "default"
 
 
 def _time_one(variant, name, f, env, leaves, p, hub, m, d, r, quick, copy_bps, breakdown=False, saved=True):
@@ -211,8 +222,17 @@ def _time_one(variant, name, f, env, leaves, p, hub, m, d, r, quick, copy_bps, b
             try:  # the kernels' own time (host overhead removed): what bandwidth and speedups use
                 row["gpu_ms"] = graph_ms(step, reps=10 if quick else 20)
             except Exception as exc:
+                # seq_bn's steps would not capture in H100 runs 3 and 4 (every method, the peers too, while the
+                # post-LN ones did): time the GPU's work behind a spin instead, which needs no capture
                 row["gpu_ms_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 torch.cuda.synchronize()
+                try:
+                    q = queued_ms(step, reps=10 if quick else 20)
+                    row["queued"] = q
+                    if q["queued"]:
+                        row["gpu_ms"] = q["ms"]
+                except Exception as exc2:
+                    row["queued_error"] = f"{type(exc2).__name__}: {exc2}"[:300]
         if breakdown:
             try:  # where the fused op's GPU time goes
                 row["kernels"] = kernel_breakdown(step)
@@ -221,7 +241,8 @@ def _time_one(variant, name, f, env, leaves, p, hub, m, d, r, quick, copy_bps, b
             except Exception as exc:
                 row["kernels_error"] = f"{type(exc).__name__}: {exc}"[:300]
         ms = row.get("gpu_ms", wall)
-        row.update(ms=ms, timing="cuda_graph" if "gpu_ms" in row else "wall",
+        how = "queued" if "queued" in row and "gpu_ms" in row else "cuda_graph"
+        row.update(ms=ms, timing=how if "gpu_ms" in row else "wall",
                    bytes_per_s=nbytes / (ms * 1e-3),
                    frac_copy=nbytes / (ms * 1e-3) / copy_bps if copy_bps else None)
     except Exception as exc:
@@ -271,7 +292,7 @@ def timings(backends, quick, copy_bps, deadline, rows=None):
         if "triton" in backends and variant != "plain" and target:
             for tile in TILES[variant]:
                 methods[f"effir_triton_t{tile}"] = methods["effir_triton"]
-                envs[f"effir_triton_t{tile}"] = {"EFFIR_ADAPTER_TILE": tile}
+                envs[f"effir_triton_t{tile}"] = _tile_env(tile)
         for name, f in methods.items():
             if time.time() > deadline:
                 rows.append({"variant": variant, "method": name, "M": m, "d": d, "skipped": "time budget"})
@@ -283,14 +304,13 @@ def timings(backends, quick, copy_bps, deadline, rows=None):
                  and row["method"].startswith("effir_triton") and "fwd_us" in row]
         if len(tiled) > 1 and time.time() < deadline:
             # the best tile of each kernel by its own GPU time (the profiler's), then both together
-            tile_of = lambda row: envs.get(row["method"], {}).get("EFFIR_ADAPTER_TILE", "default")  # noqa: E731
-            fwd = min(tiled, key=lambda row: row["fwd_us"])
-            bwd = min(tiled, key=lambda row: row["bwd_us"])
-            env = {k: v for k, v in (("EFFIR_ADAPTER_FWD_TILE", tile_of(fwd)), ("EFFIR_ADAPTER_BWD_TILE",
-                                                                                 tile_of(bwd))) if v != "default"}
+            fwd = _tile_of(envs.get(min(tiled, key=lambda row: row["fwd_us"])["method"], {}), "fwd")
+            bwd = _tile_of(envs.get(min(tiled, key=lambda row: row["bwd_us"])["method"], {}), "bwd")
+            env = {k: v for k, v in (("EFFIR_ADAPTER_FWD_TILE", fwd), ("EFFIR_ADAPTER_BWD_TILE", bwd))
+                   if v != "default"}
             row = _time_one(variant, "effir_triton_best", methods["effir_triton"], env, leaves, p, hub, m, d, r,
                             quick, copy_bps, breakdown=True, saved=False)
-            row["tiles"] = {"fwd": tile_of(fwd), "bwd": tile_of(bwd)}
+            row["tiles"] = {"fwd": fwd, "bwd": bwd}
             rows.append(row)
         del p, leaves
         if DEVICE == "cuda":

@@ -8,7 +8,9 @@ On a tiny random BERT with seq_bn adapters, 24 query / passage pairs, chunks of 
                 with the fused InfoNCE on its GPU backend (auto): max relative error over the adapter tensors;
   rng_untouched: the CUDA generator after the step is where the first pass left it;
   replay_nograd_exact / grad_mode_changes_embeddings: the replay without autograd (the RNG alone), and one
-                chunk embedded with and without autograd (no dropout): which of the two a difference comes from.
+                chunk embedded with and without autograd (no dropout): which of the two a difference comes from;
+  fresh_masks_max_rel_diff: the control, the chunks again without the replay (new dropout masks). The check
+                passes when the replay is exact or differs by rounding only (1e-4), far below the control.
 Then the cost it trades (`timing`): one train step (forward + backward, bf16 autocast, fp32 weights, seq_bn
 adapters, fused InfoNCE) of an xlm-roberta-base-shaped encoder with RANDOM weights on a batch of random token ids
 (pairs of 16-64-token queries and passages), whole batch vs GradCache chunks: median ms (CUDA events), tokens/s
@@ -88,6 +90,13 @@ def run(out=None, quick: bool = False, device: str = "cuda") -> dict:
             with state:
                 encode(**chunk)
     res["replay_nograd_exact"] = len(seen) == 5 and all(torch.equal(a, b) for a, b in zip(first, seen))
+    res["replay_nograd_max_rel_diff"] = _max_rel_diff(first, seen)
+    # the control: the same chunks with fresh dropout masks (no replay) differ by O(dropout), not by rounding
+    seen.clear()
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+        for chunk in chunks:
+            encode(**chunk)
+    res["fresh_masks_max_rel_diff"] = _max_rel_diff(first, seen)
     plain = _encoder(0.0, dev)
     with torch.autocast(dev.type, dtype=torch.bfloat16):
         with torch.no_grad():
@@ -113,8 +122,10 @@ def run(out=None, quick: bool = False, device: str = "cuda") -> dict:
     # the dropout masks replay when the RNG alone replays bit for bit; a replay under autograd may then still
     # differ by what autograd alone changes (other kernels), but by no more than bf16 rounding, far below the
     # O(1) change of a different dropout mask
-    masks_replay = res["replay_nograd_exact"] and (res["replay_exact"] or (
-        res["grad_mode_changes_embeddings"] and res["replay_max_rel_diff"] < 3e-2))
+    # (run 4: the replay 2.7e-7 off with or without autograd, one chunk with and without autograd 1.8e-7 off
+    # with no dropout at all: the GPU's kernels are not bitwise reproducible at fp32 rounding, the masks are)
+    masks_replay = res["replay_exact"] or (res["replay_max_rel_diff"] < 1e-4
+                                           and res["fresh_masks_max_rel_diff"] > 100 * res["replay_max_rel_diff"])
     res["ok"] = masks_replay and res["rng_untouched"] and rel < 1e-4 and abs(float(loss) - res["loss_whole"]) < 1e-5
     if dev.type == "cuda":
         del enc
