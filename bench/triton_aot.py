@@ -252,7 +252,8 @@ def loss_launches(mod, launcher) -> list[Launch]:
                             _loss, lse, _dldt = launcher.forward(q, docs, t, qg, dg, 0, sym)
                             launcher.backward(q, docs, t, lse, torch.empty_like(lse), qg, dg, 0)
 
-                        with mock.patch.dict(os.environ, EFFIR_TRITON_LOSS_BWD=bwd):
+                        # the Triton GEMM steps (EFFIR_TRITON_LOSS_GEMM=triton; cuBLAS is the default) compiled too
+                        with mock.patch.dict(os.environ, EFFIR_TRITON_LOSS_BWD=bwd, EFFIR_TRITON_LOSS_GEMM="triton"):
                             calls = _record(launcher, kernels, call)
                         for kname, kernel in kernels.items():
                             for args, kwargs in calls[kname]:

@@ -4,16 +4,21 @@ Backends per op:
 - loss (`info_nce`):                "reference", "chunked", "triton", "cuda"
 - adapter (`bottleneck_adapter*`):  "reference", "recompute", "triton", "cuda"
 
-"auto" picks the fastest one measured for the inputs' device, from the first H100 runs
-(bench/results/gpu_h100_2026-11-27*, bf16, forward+backward):
-- loss on a GPU: "triton", then "cuda" (the compiled extension): 17.6 / 18.9 vs 354 ms at B = N = 32768,
-  d = 768 (the extension's mma.sync kernels are unpipelined);
-- adapter on a GPU: "reference" (plain autograd): 1.31 ms of GPU time at 65536 tokens, d = 768 with the Pfeiffer
-  LayerNorm, against 2.51 (triton), 4.2 (cuda, Houlsby layout), 1.64 (torch.compile of it), 1.52 (AdapterHub).
-  The fused kernels save only their input (less activation memory) but are slower for now: ask for them
-  with backend="triton" / "cuda";
-- on CPU the pure-PyTorch memory-lean path ("chunked" / "recompute"). A GPU run that has
-to fall back warns and names the missing piece; an explicitly requested backend that cannot run raises.
+"auto" picks the fastest one measured for the inputs' device, from the H100 runs
+(bench/results/gpu_h100_2026-11-27*, bf16, forward+backward, GPU time):
+- loss on a GPU: "triton", then "cuda" (the compiled extension): 14.41 ms with cuBLAS GEMM steps (run 3) at
+  B = N = 32768, d = 768, 59.9% of the card's measured bf16 matmul rate, against 354 ms for the extension
+  (run 1; its mma.sync kernels are unpipelined);
+- adapter followed by residual + LayerNorm on a GPU ("adapter_ln": the seq_bn / Pfeiffer and Houlsby / parallel
+  placements): "triton". Run 5, 65536 tokens, d = 768, r = 48: seq_bn 1.10 ms against 1.34 (plain autograd),
+  1.57 (AdapterHub), 1.66 (torch.compile), with a third of the saved activations; post-LN 0.93 against 1.07;
+- plain adapter on a GPU ("adapter"): "reference" (plain autograd): the fused kernel has not been timed on a GPU
+  since its tiles were retuned (run 1: slower than plain autograd);
+- on CPU the pure-PyTorch memory-lean path ("chunked" / "recompute"). A GPU run that has to fall back warns and
+  names the missing piece; an explicitly requested backend that cannot run raises.
+The fused ops cost more host time per call than plain autograd (run 5: ~2.5 ms of Python, launches and
+allocations per seq_bn forward + backward in the lent VM, against ~1.1 ms): invisible when the GPU has
+work queued, as in a training step of a large batch, visible at a few thousand tokens per call.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import torch
 
 LOSS_BACKENDS = ("reference", "chunked", "triton", "cuda")
 ADAPTER_BACKENDS = ("reference", "recompute", "triton", "cuda")
-_TORCH_FALLBACK = {"loss": "chunked", "adapter": "recompute"}
+_TORCH_FALLBACK = {"loss": "chunked", "adapter": "recompute", "adapter_ln": "recompute"}
 
 
 def triton_interpret() -> bool:
@@ -68,13 +73,19 @@ def available_backends(op: str = "loss", device: torch.device | str = "cpu") -> 
 
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """Turn `backend` (a name or "auto") into a backend that can run on `device`, or raise."""
+    """Turn `backend` (a name or "auto") into a backend that can run on `device`, or raise. op: "loss",
+    "adapter" (the plain adapter) or "adapter_ln" (adapter + residual + LayerNorm)."""
     names = LOSS_BACKENDS if op == "loss" else ADAPTER_BACKENDS
     if backend not in names + ("auto",):
         raise ValueError(f"backend must be one of {names + ('auto',)}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
             if op == "adapter":  # measured fastest on an H100 (module docstring); a choice, not a fallback
+                return "reference"
+            if op == "adapter_ln" and not triton_runs_on(device):
+                warnings.warn(f"effir: Triton is not installed; the fused adapter + LayerNorm on {device} falls "
+                              "back to plain autograd ('reference'; the CUDA extension measured slower)",
+                              RuntimeWarning, stacklevel=3)
                 return "reference"
             if triton_runs_on(device):
                 return "triton"
