@@ -5,14 +5,14 @@ no register allocation, no shared-memory budget, no tensor-core lowering). This 
 (H100) or sm_80 (A100) with the launch the launchers really make on a CUDA tensor, and reports registers and
 spills (ptxas -v), shared memory (Triton's launch metadata), and tensor-core / local-memory instructions (SASS).
 
-Launches are taken from the launchers themselves: `effir.ops.info_nce_triton.forward/backward` (both backward
-designs, EFFIR_TRITON_LOSS_BWD blocked and fused) and `fused_adapter_fwd/bwd` run on meta tensors with their
-kernels swapped for recorders, so pointer dtypes, int args, constexprs and num_warps/num_stages are exactly
-what those functions pass. An autotuned kernel expands into the configs its Autotuner would compile for a
-large problem (its configs, built with TRITON_INTERPRET unset, through its early_config_prune; env
-EFFIR_TRITON_AUTOTUNE honoured). Specialisation follows Triton's JIT: int args are i32 and, like every pointer
-(torch allocations are 16-byte aligned), carry `tt.divisibility=16` when divisible by 16; an int equal to 1
-becomes a constexpr. Without those hints the code is not what runs (e.g. unvectorised loads and spills).
+Launches are taken from the launchers themselves: `effir.ops.info_nce_triton.forward/backward` and
+`fused_adapter_fwd/bwd` run on meta tensors with their kernels swapped for recorders, so pointer dtypes, int
+args, constexprs and num_warps/num_stages are exactly what those functions pass. An autotuned kernel expands
+into the configs its Autotuner would compile for a large problem (its configs, built with TRITON_INTERPRET
+unset, through its early_config_prune; env EFFIR_TRITON_AUTOTUNE honoured). Specialisation follows Triton's JIT:
+int args are i32 and, like every pointer (torch allocations are 16-byte aligned), carry `tt.divisibility=16`
+when divisible by 16; an int equal to 1 becomes a constexpr. Without those hints the code is not what runs
+(e.g. unvectorised loads and spills).
 
     python bench/triton_aot.py --arch 90 [--quick] [--out results.json]
 """
@@ -55,15 +55,11 @@ QUICK = {
     ("info_nce._mm_acc_kernel", "bf16 d=768 stride_ak=1 stride_bn=1 mid n-fastest 256x64x64"),
     ("info_nce._mm_acc_kernel", "bf16 d=768 stride_ak=1 stride_bn=1 last n-fastest 256x64x64"),
     ("info_nce._mm_acc_kernel", "bf16 d=768 stride_am=1 stride_bn=1 single n-fastest 256x64x64"),
-    ("info_nce._bwd_dq_kernel", "bf16 d=768 groups sym 128x64x64"),
-    ("info_nce._bwd_ddocs_kernel", "bf16 d=768 groups sym 128x64x64"),
     ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 gelu houlsby"),
     ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 relu pfeiffer h+t writes z"),
     ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 silu pfeiffer"),
-    ("bottleneck_adapter._bwd_params_kernel", "bf16 d=768 r=48 pfeiffer"),
     ("bottleneck_adapter._fwd_kernel", "fp32 d=384 r=24 relu plain"),
     ("bottleneck_adapter._bwd_rows_kernel", "fp64 d=768 r=48 gelu pfeiffer"),
-    ("bottleneck_adapter._sum_parts_kernel", "bf16 d=768 r=48 pfeiffer"),
 }
 
 
@@ -229,44 +225,43 @@ def _loss_variant(ln: Launch, dtype: str, d: int) -> str:
 
 
 def loss_launches(mod, launcher) -> list[Launch]:
-    """Every compilation of the InfoNCE kernels: both backward designs (EFFIR_TRITON_LOSS_BWD blocked / fused)
-    x bf16/fp16/fp32 x d 768/384 x groups x symmetric x autotune config. `launcher` is
-    effir.ops.info_nce_triton; the kernels it imported are swapped for recorders while it runs."""
+    """Every compilation of the InfoNCE kernels: bf16/fp16/fp32 x d 768/384 x groups x symmetric x autotune
+    config. `launcher` is effir.ops.info_nce_triton; the kernels it imported are swapped for recorders while it
+    runs."""
     kernels = {n: k for n, k in _kernels(mod).items() if hasattr(launcher, n)}
     out = []
     # in-batch positives plus three hard negatives each: every config is tuned, and dS comes in 1 x 4 blocks of
     # 4096 x 4096, so each GEMM step (first / mid / last for dq, single for ddocs) is compiled
     B, N = 4096, 16384
-    for bwd in ("blocked", "fused"):
-        for dt in (torch.bfloat16, torch.float16, torch.float32):
-            for d in (768, 384):
-                for groups in (False, True):
-                    for sym in (False, True):
-                        meta = dict(device="meta")
-                        q, docs = torch.empty(B, d, dtype=dt, **meta), torch.empty(N, d, dtype=dt, **meta)
-                        t = torch.empty((), dtype=torch.float32, **meta)
-                        qg = torch.empty(B, dtype=torch.int64, **meta) if groups else None
-                        dg = torch.empty(N, dtype=torch.int64, **meta) if groups else None
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (768, 384):
+            for groups in (False, True):
+                for sym in (False, True):
+                    meta = dict(device="meta")
+                    q, docs = torch.empty(B, d, dtype=dt, **meta), torch.empty(N, d, dtype=dt, **meta)
+                    t = torch.empty((), dtype=torch.float32, **meta)
+                    qg = torch.empty(B, dtype=torch.int64, **meta) if groups else None
+                    dg = torch.empty(N, dtype=torch.int64, **meta) if groups else None
 
-                        def call():
-                            _loss, lse, _dldt = launcher.forward(q, docs, t, qg, dg, 0, sym)
-                            launcher.backward(q, docs, t, lse, torch.empty_like(lse), qg, dg, 0)
+                    def call():
+                        _loss, lse, _dldt = launcher.forward(q, docs, t, qg, dg, 0, sym)
+                        launcher.backward(q, docs, t, lse, torch.empty_like(lse), qg, dg, 0)
 
-                        # the Triton GEMM steps (EFFIR_TRITON_LOSS_GEMM=triton; cuBLAS is the default) compiled too
-                        with mock.patch.dict(os.environ, EFFIR_TRITON_LOSS_BWD=bwd, EFFIR_TRITON_LOSS_GEMM="triton"):
-                            calls = _record(launcher, kernels, call)
-                        for kname, kernel in kernels.items():
-                            for args, kwargs in calls[kname]:
-                                for ln in _expand("info_nce", kname, kernel, args, kwargs):
-                                    ln.variant = _loss_variant(ln, _TORCH_TO_TRITON[dt], d)
-                                    ln.family, ln.dtype = "loss", _TORCH_TO_TRITON[dt]
-                                    out.append(ln)
+                    # the Triton GEMM steps (EFFIR_TRITON_LOSS_GEMM=triton; cuBLAS is the default) compiled too
+                    with mock.patch.dict(os.environ, EFFIR_TRITON_LOSS_GEMM="triton"):
+                        calls = _record(launcher, kernels, call)
+                    for kname, kernel in kernels.items():
+                        for args, kwargs in calls[kname]:
+                            for ln in _expand("info_nce", kname, kernel, args, kwargs):
+                                ln.variant = _loss_variant(ln, _TORCH_TO_TRITON[dt], d)
+                                ln.family, ln.dtype = "loss", _TORCH_TO_TRITON[dt]
+                                out.append(ln)
     return out
 
 
 def adapter_launches(mod) -> list[Launch]:
-    """Every compilation of the adapter kernels: bf16/fp32 x (d, r) x activation x plain/Houlsby/Pfeiffer, for
-    both parameter-gradient paths (EFFIR_ADAPTER_PARAMS gemm / kernel), and fp64 once per layout."""
+    """Every compilation of the adapter kernels: bf16/fp32 x (d, r) x activation x plain/Houlsby/Pfeiffer, and
+    fp64 once per layout."""
     kernels = _kernels(mod)
     acts = {v: k for k, v in mod.ACT_IDS.items()}
     out = []
@@ -293,23 +288,18 @@ def adapter_launches(mod) -> list[Launch]:
                         mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
                         mod.fused_adapter_bwd(dy, x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
 
-                    for path in ("gemm", "kernel"):  # both ways of forming the parameter gradients
-                        with mock.patch.dict(os.environ, EFFIR_ADAPTER_PARAMS=path):
-                            calls = _record(mod, kernels, call)
-                        for kname, kernel in kernels.items():
-                            if path == "kernel" and kname == "_fwd_kernel":
-                                continue  # the same forward as the "gemm" path's
-                            for args, kwargs in calls[kname]:
-                                for ln in _expand("bottleneck_adapter", kname, kernel, args, kwargs):
-                                    c = ln.constexprs
-                                    act_s = f" {acts[c['ACT']]}" if "ACT" in c else ""
-                                    lay = (_LAYOUTS[(c["HAS_RES"], c["PRE_LN"], c["POST_LN"])] if "HAS_RES" in c
-                                           else layout)
-                                    legacy = " params-kernel" if c.get("COL_SUMS") is False else ""
-                                    legacy += " writes z" if c.get("WRITE_Z") else ""
-                                    ln.variant = f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} {lay}{legacy}"
-                                    ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
-                                    out.append(ln)
+                    calls = _record(mod, kernels, call)
+                    for kname, kernel in kernels.items():
+                        for args, kwargs in calls[kname]:
+                            for ln in _expand("bottleneck_adapter", kname, kernel, args, kwargs):
+                                c = ln.constexprs
+                                act_s = f" {acts[c['ACT']]}" if "ACT" in c else ""
+                                lay = (_LAYOUTS[(c["HAS_RES"], c["PRE_LN"], c["POST_LN"])] if "HAS_RES" in c
+                                       else layout)
+                                legacy = " writes z" if c.get("WRITE_Z") else ""
+                                ln.variant = f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} {lay}{legacy}"
+                                ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
+                                out.append(ln)
     return out
 
 

@@ -17,19 +17,17 @@ Pfeiffer with a residual: z = x + res is rounded to the input dtype (as torch's 
 in the first pass (WRITE_Z), so the backward reads z alone and no separate add kernel runs.
 Backward, no atomics, deterministic:
   1. `_bwd_rows_kernel` (one program per BLOCK_M rows) recomputes the forward the same way and writes dx (and
-     dres), the r-wide act(a) and d(a) rows (input dtype) and six per-row LayerNorm scalars (small side
-     buffers). Passes over the row block (Pfeiffer): LN-1 statistics with a (`_recompute_h`); LN-2 statistics
-     with the LN-2 backward's row means (`_post_stats_bwd`); dh = s*dv Wu, which also stores dv (Houlsby: as
+     dres) and the r-wide act(a) and d(a) rows (input dtype, small side buffers). Passes over the row block
+     (Pfeiffer): LN-1 statistics with a (`_recompute_h`); LN-2 statistics with the LN-2 backward's row means (`_post_stats_bwd`); dh = s*dv Wu, which also stores dv (Houlsby: as
      dres, an output; else to a scratch); dx from the stored dv (no recompute of v). The LN-1 backward's row
      means come from a and da without a pass: 4 passes (9 in the version the first H100 run timed; the forward:
      3 instead of 6).
-     On the default path (EFFIR_ADAPTER_PARAMS=gemm) also u = LN(z) (Pfeiffer) and per-row-block column sums of
-     the bias and LayerNorm gradients.
-  2. gemm (default): dW_up = s (dvᵀ h) and dW_down = daᵀ u as two GEMMs (cuBLAS) over what the row kernel
-     wrote, the block sums reduced in a fixed order. kernel: `_bwd_params_kernel` (grid: d-chunks x row splits)
-     accumulates the parameter gradients of its d-chunk over its row range in fp32 registers, one partial per
-     split, and `_sum_parts_kernel` sums them in a fixed order (the first H100 run: 1.04 of 2.51 ms,
-     latency-bound).
+     It also writes u = LN(z) (Pfeiffer) and per-row-block column sums of the bias and LayerNorm gradients.
+  2. dW_up = s (dvᵀ h) and dW_down = daᵀ u as two GEMMs (cuBLAS) over what the row kernel wrote, the block sums
+     reduced in a fixed order. A parameter-gradient kernel that re-read x and dy per d-chunk and reduced in
+     registers, one partial per row split (EFFIR_ADAPTER_PARAMS=kernel), was measured slower on the H100 (run 3,
+     bench/results/gpu_h100_2026-11-27_run3, seq_bn at 65536 tokens, d = 768: 2.19 ms against 1.66 ms with the
+     GEMMs) and removed.
 Thin launchers only; autograd lives in effir/ops.
 """
 from __future__ import annotations
@@ -44,7 +42,6 @@ from kernels._knobs import env_choice
 from kernels._mm import mm_unrounded
 
 ACT_IDS = {"relu": 0, "gelu": 1, "silu": 2}
-_N_STATS = 6  # mean1, rstd1, mean2, rstd2, c1 = mean(g), c2 = mean(g * vhat)  with g = dy * ln_weight
 
 
 @triton.jit
@@ -315,11 +312,11 @@ def _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R,
 
 
 @triton.jit
-def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF, STATS, DV, U, PCOL,
+def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF, DV, U, PCOL,
                      M, D, R, SC, scaling, eps,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                      HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                     CDT: tl.constexpr, COL_SUMS: tl.constexpr, LN_GRADS: tl.constexpr):
+                     CDT: tl.constexpr, LN_GRADS: tl.constexpr):
     scaling, eps = _scalars(SC, scaling, eps, CDT)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -357,20 +354,19 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
         dh += _mm((scaling * dv).to(wu.dtype), wu, IEEE).to(CDT)
         if POST_LN:
             tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
-        if COL_SUMS:
-            # this row block's column sums of the bias / LayerNorm gradients (masked rows add exact zeros):
-            # [s*dv | LN weight | LN bias]; the pre-LN's share of the last two is added in the last pass
-            pcol = PCOL + pid.to(tl.int64) * 3 * D + cols
-            cmask = cols < D
-            tl.store(pcol, tl.sum(scaling * dv, axis=0), mask=cmask)
-            if LN_GRADS and (PRE_LN or POST_LN):
-                lw = tl.zeros((BLOCK_K,), dtype=CDT)
-                lb = tl.zeros((BLOCK_K,), dtype=CDT)
-                if POST_LN:  # y = vhat * w + b
-                    lw += tl.sum(dy * vhat, axis=0)
-                    lb += tl.sum(dy, axis=0)
-                tl.store(pcol + D, lw, mask=cmask)
-                tl.store(pcol + 2 * D, lb, mask=cmask)
+        # this row block's column sums of the bias / LayerNorm gradients (masked rows add exact zeros):
+        # [s*dv | LN weight | LN bias]; the pre-LN's share of the last two is added in the last pass
+        pcol = PCOL + pid.to(tl.int64) * 3 * D + cols
+        cmask = cols < D
+        tl.store(pcol, tl.sum(scaling * dv, axis=0), mask=cmask)
+        if LN_GRADS and (PRE_LN or POST_LN):
+            lw = tl.zeros((BLOCK_K,), dtype=CDT)
+            lb = tl.zeros((BLOCK_K,), dtype=CDT)
+            if POST_LN:  # y = vhat * w + b
+                lw += tl.sum(dy * vhat, axis=0)
+                lb += tl.sum(dy, axis=0)
+            tl.store(pcol + D, lw, mask=cmask)
+            tl.store(pcol + 2 * D, lb, mask=cmask)
     da = dh * _act_grad(a, ACT)
     e1 = tl.zeros((BLOCK_M,), dtype=CDT)
     e2 = e1
@@ -403,133 +399,17 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
             tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
             if HAS_RES:
                 tl.store(DRES + offs, dz.to(DRES.dtype.element_ty), mask=mask)
-            if COL_SUMS:
-                tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)  # the dW_down GEMM's operand
-                if LN_GRADS:  # u = uhat * w + b, the same LayerNorm: add its share to pass 3's sums
-                    pcol = PCOL + pid.to(tl.int64) * 3 * D + cols
-                    cmask = cols < D
-                    tl.store(pcol + D, tl.load(pcol + D, mask=cmask, other=0.0) + tl.sum(du * uhat, axis=0),
-                             mask=cmask)
-                    tl.store(pcol + 2 * D, tl.load(pcol + 2 * D, mask=cmask, other=0.0) + tl.sum(du, axis=0),
-                             mask=cmask)
+            tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)  # the dW_down GEMM's operand
+            if LN_GRADS:  # u = uhat * w + b, the same LayerNorm: add its share to pass 3's sums
+                pcol = PCOL + pid.to(tl.int64) * 3 * D + cols
+                cmask = cols < D
+                tl.store(pcol + D, tl.load(pcol + D, mask=cmask, other=0.0) + tl.sum(du * uhat, axis=0),
+                         mask=cmask)
+                tl.store(pcol + 2 * D, tl.load(pcol + 2 * D, mask=cmask, other=0.0) + tl.sum(du, axis=0),
+                         mask=cmask)
         else:
             tl.store(DX + offs, (dv + du).to(DX.dtype.element_ty), mask=mask)  # Houlsby: dres = dv is stored
     tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
-    if PRE_LN:
-        tl.store(STATS + rows * 6 + 0, mean1, mask=rmask)
-        tl.store(STATS + rows * 6 + 1, rstd1, mask=rmask)
-    if POST_LN:
-        tl.store(STATS + rows * 6 + 2, mean2, mask=rmask)
-        tl.store(STATS + rows * 6 + 3, rstd2, mask=rmask)
-        tl.store(STATS + rows * 6 + 4, c1, mask=rmask)
-        tl.store(STATS + rows * 6 + 5, c2, mask=rmask)
-
-
-@triton.jit
-def _bwd_params_kernel(DY, X, RES, WD, WU, BU, LNW, LNB, HBUF, DABUF, STATS,
-                       PART, TOTAL, M, D, R, rows_per_split, SC, scaling,
-                       BLOCK_M: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_R: tl.constexpr,
-                       HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                       CDT: tl.constexpr):
-    scaling, _eps = _scalars(SC, scaling, 0.0, CDT)
-    pid_d = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    cols = pid_d * BLOCK_DC + tl.arange(0, BLOCK_DC)
-    rr = tl.arange(0, BLOCK_R)
-    cmask = cols < D
-    qmask = rr < R
-    xdt = X.dtype.element_ty
-    cdt = CDT  # fp32, or fp64 for fp64 inputs
-    if PRE_LN or POST_LN:
-        lnw = tl.load(LNW + cols, mask=cmask, other=0.0).to(cdt)
-        lnb = tl.load(LNB + cols, mask=cmask, other=0.0).to(cdt)
-    if POST_LN:
-        wut = tl.load(WU + cols[None, :] * R + rr[:, None], mask=cmask[None, :] & qmask[:, None], other=0.0)
-        bu = tl.load(BU + cols, mask=cmask, other=0.0).to(cdt)
-    if PRE_LN:
-        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & cmask[None, :], other=0.0)
-    acc_wu = tl.zeros((BLOCK_DC, BLOCK_R), dtype=cdt)
-    acc_wd = tl.zeros((BLOCK_R, BLOCK_DC), dtype=cdt)
-    acc_bu = tl.zeros((BLOCK_DC,), dtype=cdt)
-    acc_bd = tl.zeros((BLOCK_R,), dtype=cdt)
-    acc_lw = tl.zeros((BLOCK_DC,), dtype=cdt)
-    acc_lb = tl.zeros((BLOCK_DC,), dtype=cdt)
-    start = pid_s * rows_per_split
-    end = tl.minimum(start + rows_per_split, M)
-    for m0 in range(start, end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < end
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-        roffs = rows[:, None].to(tl.int64) * R + rr[None, :]
-        rqmask = rmask[:, None] & qmask[None, :]
-        h = tl.load(HBUF + roffs, mask=rqmask, other=0.0)  # as the forward's up-projection dot rounds it
-        da = tl.load(DABUF + roffs, mask=rqmask, other=0.0).to(cdt)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(cdt)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(cdt)
-        z = x
-        if HAS_RES:
-            z = z + tl.load(RES + offs, mask=mask, other=0.0).to(cdt)
-            if PRE_LN:  # as `_load_z`: the Pfeiffer sum in the input dtype
-                z = z.to(xdt).to(cdt)
-        if PRE_LN:
-            mean1 = tl.load(STATS + rows * 6 + 0, mask=rmask, other=0.0)
-            rstd1 = tl.load(STATS + rows * 6 + 1, mask=rmask, other=0.0)
-            uhat = tl.where(mask, (z - mean1[:, None]) * rstd1[:, None], 0.0)
-            u = uhat * lnw[None, :] + lnb[None, :]
-        else:
-            u = x
-        if POST_LN:
-            mean2 = tl.load(STATS + rows * 6 + 2, mask=rmask, other=0.0)
-            rstd2 = tl.load(STATS + rows * 6 + 3, mask=rmask, other=0.0)
-            c1 = tl.load(STATS + rows * 6 + 4, mask=rmask, other=0.0)
-            c2 = tl.load(STATS + rows * 6 + 5, mask=rmask, other=0.0)
-            p = _mm(h.to(wut.dtype), wut, IEEE).to(cdt) + bu[None, :]
-            vhat = tl.where(mask, (z + scaling * p - mean2[:, None]) * rstd2[:, None], 0.0)
-            acc_lw += tl.sum(dy * vhat, axis=0)
-            acc_lb += tl.sum(dy, axis=0)
-            dv = tl.where(mask, (dy * lnw[None, :] - c1[:, None] - vhat * c2[:, None]) * rstd2[:, None], 0.0)
-        else:
-            dv = dy
-        dp = scaling * dv
-        acc_bu += tl.sum(dp, axis=0)
-        acc_bd += tl.sum(da, axis=0)
-        # dWu[d, r] += Σ_m dp[m, d] h[m, r] ;  dWd[r, d] += Σ_m da[m, r] u[m, d]
-        acc_wu += _mm(tl.trans(dp.to(xdt)), h.to(xdt), IEEE).to(cdt)
-        acc_wd += _mm(tl.trans(da.to(xdt)), u.to(xdt), IEEE).to(cdt)
-        if PRE_LN:
-            du = _mm(da.to(wd.dtype), wd, IEEE).to(cdt)
-            acc_lw += tl.sum(du * uhat, axis=0)
-            acc_lb += tl.sum(du, axis=0)
-    # one partial row per split: [dWu (D, R) | dWd (R, D) | dbu (D) | dbd (R) | dlnw (D) | dlnb (D)], see `_part_views`
-    part = PART + pid_s.to(tl.int64) * TOTAL
-    tl.store(part + cols[:, None] * R + rr[None, :], acc_wu, mask=cmask[:, None] & qmask[None, :])
-    tl.store(part + D * R + rr[:, None] * D + cols[None, :], acc_wd, mask=qmask[:, None] & cmask[None, :])
-    tl.store(part + 2 * D * R + cols, acc_bu, mask=cmask)
-    if PRE_LN or POST_LN:
-        tl.store(part + 2 * D * R + D + R + cols, acc_lw, mask=cmask)
-        tl.store(part + 2 * D * R + 2 * D + R + cols, acc_lb, mask=cmask)
-    if pid_d == 0:
-        tl.store(part + 2 * D * R + D + rr, acc_bd, mask=qmask)
-
-
-@triton.jit
-def _sum_parts_kernel(PART, TOTAL, N_USED, SPLITS, O0, O1, O2, O3, O4, O5, E1, E2, E3, E4, E5,
-                      BLOCK: tl.constexpr, CDT: tl.constexpr):
-    """Sum the (SPLITS, TOTAL) partial rows in split order (deterministic) and write the six gradients, each
-    in its parameter's dtype: element i of the row belongs to output k when E_k <= i < E_{k+1} (E_0 = 0,
-    E_6 = N_USED <= TOTAL, the row stride). One launch instead of six sums and six casts."""
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = idx < N_USED
-    acc = tl.zeros((BLOCK,), dtype=CDT)
-    for sp in range(0, SPLITS):
-        acc += tl.load(PART + sp * TOTAL + idx, mask=ok, other=0.0)
-    tl.store(O0 + idx, acc.to(O0.dtype.element_ty), mask=ok & (idx < E1))
-    tl.store(O1 + (idx - E1), acc.to(O1.dtype.element_ty), mask=ok & (idx >= E1) & (idx < E2))
-    tl.store(O2 + (idx - E2), acc.to(O2.dtype.element_ty), mask=ok & (idx >= E2) & (idx < E3))
-    tl.store(O3 + (idx - E3), acc.to(O3.dtype.element_ty), mask=ok & (idx >= E3) & (idx < E4))
-    tl.store(O4 + (idx - E4), acc.to(O4.dtype.element_ty), mask=ok & (idx >= E4) & (idx < E5))
-    tl.store(O5 + (idx - E5), acc.to(O5.dtype.element_ty), mask=ok & (idx >= E5))
 
 
 def _blocks(d: int, r: int, dtype: torch.dtype):
@@ -627,30 +507,6 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
     return y
 
 
-def _params_block_m() -> int:
-    """Rows per step of the LayerNorm variants' parameter-gradient kernel: EFFIR_ADAPTER_PARAMS_BLOCK_M, 16
-    (default: no spills on sm_90), 32 or 64 (wider tensor-core steps, some spilling): timed side by side by
-    bench/gpu/adapter.py."""
-    return int(env_choice("EFFIR_ADAPTER_PARAMS_BLOCK_M", ("16", "32", "64"), "16"))
-
-
-def _n_splits(m: int, block_m: int, n_dchunks: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 2  # the interpreter: few programs, same code path
-    return max(1, min(triton.cdiv(m, block_m), triton.cdiv(target, n_dchunks)))
-
-
-def params_path() -> str:
-    """EFFIR_ADAPTER_PARAMS: how the weight gradients are formed. "gemm" (default): two GEMMs over what the row
-    kernel writes anyway (dv: Houlsby's dres, or a scratch; u = LN(z) for Pfeiffer) and per-row-block column
-    sums. "kernel": `_bwd_params_kernel` re-reads x and dy per d-chunk and reduces in registers (the first H100
-    run: 1.04 ms of a 2.51 ms step at 65536 tokens, d = 768, latency-bound 16-row steps). Kept to time both side
-    by side."""
-    return env_choice("EFFIR_ADAPTER_PARAMS", ("gemm", "kernel"), "gemm")
-
-
 def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str,
                       scaling: float, eps: float, pre_ln: bool, post_ln: bool, ln_param_grads: bool = True):
     """(dx, dres|None, dw_down, db_down, dw_up, db_up, dln_weight|None, dln_bias|None); all inputs contiguous.
@@ -666,7 +522,6 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     # would), half the bytes of fp32 and no conversion kernels; the forward's dot rounds act(a) the same way
     hbuf = torch.empty((m, r), dtype=x.dtype, device=dev)
     dabuf = torch.empty((m, r), dtype=x.dtype, device=dev)
-    stats = torch.empty((m, _N_STATS) if (pre_ln or post_ln) else (1, _N_STATS), dtype=cdt, device=dev)
     dummy = x
     has_res = res is not None
     ln = pre_ln or post_ln
@@ -674,28 +529,23 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     lnb = ln_bias if ln_bias is not None else dummy
     flags = dict(HAS_RES=has_res, PRE_LN=pre_ln, POST_LN=post_ln, **_flags(x))
     sc = _scalar_args(x, scaling, eps)
-    gemm = params_path() == "gemm"
     n_blocks = triton.cdiv(m, bm)
     # dv, the gradient reaching v = z + s*p through the post-LayerNorm: Houlsby's dres itself, else a scratch
     if post_ln:
         dv = dres if has_res and not pre_ln else torch.empty_like(x)
     else:
         dv = dummy  # plain: dv = dy
-    u = torch.empty_like(x) if gemm and pre_ln else dummy
-    pcol = torch.empty((n_blocks, 3, d), dtype=cdt, device=dev) if gemm else dummy
+    u = torch.empty_like(x) if pre_ln else dummy
+    pcol = torch.empty((n_blocks, 3, d), dtype=cdt, device=dev)
     _bwd_rows_kernel[(n_blocks,)](
         dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb, dx,
-        dres if has_res else dummy, hbuf, dabuf, stats, dv, u, pcol, m, d, r, *sc,
+        dres if has_res else dummy, hbuf, dabuf, dv, u, pcol, m, d, r, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
-        num_stages=_stages(x), COL_SUMS=gemm, LN_GRADS=ln_param_grads, **flags)
-    if gemm:
-        grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln else None, hbuf, dabuf, pcol, scaling,
-                                  ln and ln_param_grads)
-    else:
-        grads = _param_grads_partials(dy, x, res, w_down, w_up, b_up, lnw, lnb, hbuf, dabuf, stats, sc, flags,
-                                      bk, br)
+        num_stages=_stages(x), LN_GRADS=ln_param_grads, **flags)
+    grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln else None, hbuf, dabuf, pcol, scaling,
+                              ln and ln_param_grads)
     dw_down, db_down, dw_up, db_up, dlnw, dlnb = grads
-    dw_down, db_down = dw_down.to(w_down.dtype), db_down.to(b_down.dtype)  # no-ops on the partials path
+    dw_down, db_down = dw_down.to(w_down.dtype), db_down.to(b_down.dtype)
     dw_up, db_up = dw_up.to(w_up.dtype), db_up.to(b_up.dtype)
     if ln:
         zeros = lambda t: torch.zeros_like(t)  # noqa: E731 (frozen LayerNorm: nothing reduced)
@@ -718,50 +568,4 @@ def _param_grads_gemm(dv, x, u, hbuf, dabuf, pcol, scaling: float, ln_grads: boo
     db_down = dabuf.sum(0, dtype=pcol.dtype)
     dlnw = pcol[:, 1].sum(0) if ln_grads else None
     dlnb = pcol[:, 2].sum(0) if ln_grads else None
-    return dw_down, db_down, dw_up, db_up, dlnw, dlnb
-
-
-def _param_grads_partials(dy, x, res, w_down, w_up, b_up, lnw, lnb, hbuf, dabuf, stats, sc, flags, bk, br):
-    """The same six gradients from `_bwd_params_kernel` + `_sum_parts_kernel` (EFFIR_ADAPTER_PARAMS=kernel)."""
-    m, d = x.shape
-    r = w_up.shape[1]
-    dev = x.device
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    pre_ln, post_ln = flags["PRE_LN"], flags["POST_LN"]
-    ln = pre_ln or post_ln
-    dummy = x
-    # parameter-gradient tiles: two (BLOCK_DC, BLOCK_R) fp32 accumulators per program, 8 warps. The LayerNorm
-    # variants also hold ~8 (BLOCK_M, BLOCK_DC) fp32 row tiles (x, dy, z, uhat, u, p, vhat, dv): 16 rows per
-    # step keeps them in registers (64 rows spilled up to 1.5 KB per thread on sm_90; bench/triton_aot.py)
-    block_dc = max(16, min(bk, 4096 // br))
-    if ln:
-        block_m2 = _params_block_m()
-    else:
-        block_m2 = max(16, min(64, 4096 // br)) if x.dtype != torch.float64 else max(16, min(32, 2048 // br))
-    n_dc = triton.cdiv(d, block_dc)
-    splits = _n_splits(m, block_m2, n_dc, dev)
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m2) * block_m2
-    splits = triton.cdiv(m, rows_per_split)
-    # all six parameter-gradient partials in one (splits, total) buffer: one allocation and one reduction (the
-    # host, not the GPU, bounds this op at a few thousand tokens: each extra torch op costs ~30 us there)
-    total = 2 * d * r + 3 * d + r
-    part = torch.empty((splits, total), dtype=cdt, device=dev)
-    _bwd_params_kernel[(n_dc, splits)](
-        dy, x, res if res is not None else dummy, w_down, w_up, b_up, lnw, lnb, hbuf, dabuf, stats,
-        part, total, m, d, r, rows_per_split, *sc[:2],
-        BLOCK_M=block_m2, BLOCK_DC=block_dc, BLOCK_R=br, num_warps=8, num_stages=_stages(x), **flags)
-    # fixed-order sum over the splits, written in the parameters' dtype (the inputs': one dtype per call)
-    pdt = dict(dtype=x.dtype, device=dev)
-    dw_up, dw_down = torch.empty((d, r), **pdt), torch.empty((r, d), **pdt)
-    db_up, db_down = torch.empty(d, **pdt), torch.empty(r, **pdt)
-    dlnw = torch.empty(d, **pdt) if ln else None
-    dlnb = torch.empty(d, **pdt) if ln else None
-    ends = [d * r, 2 * d * r, 2 * d * r + d, 2 * d * r + d + r, 2 * d * r + 2 * d + r]
-    if not ln:  # no LayerNorm partials: both LayerNorm ranges empty, their pointers never written
-        ends[4] = ends[3]
-    n_used = total if ln else ends[3]
-    blk = 1024
-    _sum_parts_kernel[(triton.cdiv(n_used, blk),)](
-        part, total, n_used, splits, dw_up, dw_down, db_up, db_down, dlnw if ln else dummy, dlnb if ln else dummy,
-        *ends, BLOCK=blk, CDT=flags["CDT"], num_warps=4)
     return dw_down, db_down, dw_up, db_up, dlnw, dlnb

@@ -2,16 +2,15 @@
 
 - `_fwd_kernel` (grid: row blocks of q): tiles S = q . docs^T over column blocks, online log-sum-exp in the
   log2 domain, plus the running softmax-weighted score so d loss / d t comes for free.
-- Backward, "blocked" (the default): the (B, N) score matrix is cut into blocks of at most (B + N) d
+- Backward, "blocked": the (B, N) score matrix is cut into blocks of at most (B + N) d
   entries. Per block, `_bwd_dscores_kernel` recomputes S from the saved per-row log-sum-exp and writes the
   block's dL/dS (input dtype) once; two GEMMs `_mm_acc_kernel` then add dS . docs into dq and dSᵀ . q into
   ddocs, in fp32. Every FLOP runs in a GEMM-shaped tile loop (8 B N d in all with the forward) and the only
   extra memory is one dS block plus the fp32 gradients.
-- Backward, "fused" (EFFIR_TRITON_LOSS_BWD=fused): `_bwd_dq_kernel` (grid: row blocks) and
-  `_bwd_ddocs_kernel` (grid: column blocks) recompute each S tile (FlashAttention-2 shape, no atomics: each
-  program owns its output rows). Because d (384-1024) is far wider than an attention head, the (rows, d) fp32
-  gradient accumulator does not fit in registers; each program read-modify-writes its own fp32 rows of the
-  gradient per tile, in BLOCK_K slices, and S is computed twice (10 B N d). Kept for comparison on GPUs.
+- A fused backward (EFFIR_TRITON_LOSS_BWD=fused: dq over row blocks and ddocs over column blocks, each
+  recomputing its S tiles and read-modify-writing its fp32 gradient rows in BLOCK_K slices, 10 B N d) was
+  measured slower on the H100 (run 3, bench/results/gpu_h100_2026-11-27_run3, B = N = 32768, d = 768, bf16:
+  89.6 ms against 15.8 ms for the blocked one) and removed.
 fp32 inputs use `input_precision="ieee"` (no TF32); fp16/bf16 go through the tensor cores with fp32 accumulation.
 Offsets are int32: q and docs must each hold fewer than 2**31 elements (checked by the launcher).
 """
@@ -36,13 +35,11 @@ _FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4
 
 # 16-bit tiles per kernel group, (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_K = 64, best first. Every one
 # compiles on sm_90 without register spills and, for the GEMM-shaped kernels, without ptxas's C7513/C7515
-# (wgmma serialised) -- checked by bench/triton_aot.py: the fused backward kernels hold a score tile, its
-# gradient and a gradient slice, so they get 64-wide column tiles (128 x 128 spilled up to 332 bytes per
-# thread); 128 x 256 spills everywhere; 128 x 128 on 8 warps serialises wgmma in the GEMM but not in the
-# dS kernel; 256 x 64 on 8 warps (two 128 x 64 warpgroup tiles) does neither.
+# (wgmma serialised) -- checked by bench/triton_aot.py: 128 x 256 spills everywhere; 128 x 128 on 8 warps
+# serialises wgmma in the GEMM but not in the dS kernel; 256 x 64 on 8 warps (two 128 x 64 warpgroup tiles)
+# does neither.
 _SHAPES = {
     "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3)],
-    "fused_bwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
     "dscores": [(256, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 4), (128, 64, 4, 4)],
     "gemm": [(256, 64, 8, 3), (256, 64, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4)],
 }
@@ -177,62 +174,6 @@ def _dscores(s, rows, cols, row_ok, col_ok, QG, DG, LSE, G, B, pos_offset, inv_t
         g_diag += tl.load(G + B + rows, mask=row_ok, other=0.0)
     p = tl.where(is_pos, p - g_diag[:, None], p)
     return p * inv_t
-
-
-@triton.autotune(configs=_configs("fused_bwd"), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], reset_to_zero=["DQ"],
-                 prune_configs_by=_PRUNE)
-@triton.jit
-def _bwd_dq_kernel(Q, D, T, QG, DG, LSE, G, DQ, B, N, K, pos_offset, stride_q, stride_d,
-                   HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """DQ (B, K) fp32, zero on entry: DQ[rows] = sum over column tiles of dS . D[cols]."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    inv_t = 1.0 / tl.load(T).to(tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        s = _scores(Q, D, rows, cols, row_ok, col_ok, K, stride_q, stride_d, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        ds = _dscores(s, rows, cols, row_ok, col_ok, QG, DG, LSE, G, B, pos_offset, inv_t, HAS_GROUPS, SYMMETRIC)
-        ds = ds.to(D.dtype.element_ty)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            dt = tl.load(D + cols[:, None] * stride_d + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            ptr = DQ + rows[:, None] * K + ks[None, :]
-            io = row_ok[:, None] & k_ok[None, :]
-            acc = tl.load(ptr, mask=io, other=0.0)
-            acc = _dot(ds, dt, acc, IEEE, UPCAST)
-            tl.store(ptr, acc, mask=io)
-
-
-@triton.autotune(configs=_configs("fused_bwd"), key=["K", "IEEE", "HAS_GROUPS", "SYMMETRIC"], reset_to_zero=["DD"],
-                 prune_configs_by=_PRUNE)
-@triton.jit
-def _bwd_ddocs_kernel(Q, D, T, QG, DG, LSE, G, DD, B, N, K, pos_offset, stride_q, stride_d,
-                      HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """DD (N, K) fp32, zero on entry: DD[cols] = sum over row tiles of dS^T . Q[rows]."""
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    inv_t = 1.0 / tl.load(T).to(tl.float32)
-    for m0 in range(0, B, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < B
-        s = _scores(Q, D, rows, cols, row_ok, col_ok, K, stride_q, stride_d, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        ds = _dscores(s, rows, cols, row_ok, col_ok, QG, DG, LSE, G, B, pos_offset, inv_t, HAS_GROUPS, SYMMETRIC)
-        ds_t = tl.trans(ds.to(Q.dtype.element_ty))
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            qt = tl.load(Q + rows[:, None] * stride_q + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            ptr = DD + cols[:, None] * K + ks[None, :]
-            io = col_ok[:, None] & k_ok[None, :]
-            acc = tl.load(ptr, mask=io, other=0.0)
-            acc = _dot(ds_t, qt, acc, IEEE, UPCAST)
-            tl.store(ptr, acc, mask=io)
 
 
 # ---------------------------------------------------------------- blocked backward

@@ -206,13 +206,11 @@ def test_frozen_layernorm_params_get_no_grad(backend, ln_before):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["gemm", "kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_triton_param_gradient_paths(path, dtype, variant, monkeypatch):
-    """Both ways of forming the parameter gradients (EFFIR_ADAPTER_PARAMS) against float64, at a size where the
+def test_triton_param_gradients(dtype, variant):
+    """The parameter gradients (two GEMMs over the row kernel's outputs) against float64, at a size where the
     row kernel has several row blocks (column sums reduced over blocks) and d spans several chunks."""
-    monkeypatch.setenv("EFFIR_ADAPTER_PARAMS", path)
     check_all(variant, make_inputs((157,), 200, 24, seed=13), dtype, "triton", "gelu")
 
 

@@ -75,15 +75,13 @@ def test_triton_pos_offset_matches_chunked(groups):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["fused", "blocked-small", "blocked-small-column", "blocked-small-cublas",
-                                     "blocked"])
+@pytest.mark.parametrize("variant", ["blocked-small", "blocked-small-column", "blocked-small-cublas", "blocked"])
 def test_triton_backward_variants(variant, dtype, monkeypatch):
-    """Both backward designs; "blocked-small" cuts dS into 16 x 32 blocks (3 x 2 blocks with remainders on both
+    """The blocked backward; "blocked-small" cuts dS into 16 x 32 blocks (3 x 2 blocks with remainders on both
     sides), so the block offsets of the dS kernel and every GEMM step (first, middle, last) are exercised at
     interpreter sizes, in both tile orders of the GEMM."""
     from effir.ops import info_nce_triton
 
-    monkeypatch.setenv("EFFIR_TRITON_LOSS_BWD", variant.split("-")[0])
     monkeypatch.setenv("EFFIR_TRITON_GEMM_ORDER", "column" if variant.endswith("column") else "row")
     monkeypatch.setenv("EFFIR_TRITON_LOSS_GEMM", "cublas" if variant.endswith("cublas") else "triton")
     if variant.startswith("blocked-small"):

@@ -9,12 +9,9 @@ from kernels._knobs import env_choice
 
 # (variable, a value it refuses, the reader, what the reader gives when the variable is unset)
 KNOBS = [
-    ("EFFIR_TRITON_LOSS_BWD", "fast", loss.backward_variant, "blocked"),
     ("EFFIR_TRITON_GEMM_ORDER", "diagonal", loss.gemm_order, "row"),
     ("EFFIR_TRITON_LOSS_GEMM", "cutlass", loss.gemm_engine, "cublas"),
     ("EFFIR_TRITON_DS_BLOCK", "3", loss.ds_block_factor, 2),
-    ("EFFIR_ADAPTER_PARAMS", "atomic", adapter.params_path, "gemm"),
-    ("EFFIR_ADAPTER_PARAMS_BLOCK_M", "48", adapter._params_block_m, 16),
     ("EFFIR_ADAPTER_TILE", "48x64x8", lambda: adapter._tile("fwd", 768, 48, torch.bfloat16), (32, 128, 64, 4)),
     ("EFFIR_ADAPTER_BWD_TILE", "64x64", lambda: adapter._tile("bwd", 768, 48, torch.bfloat16), (64, 64, 64, 4)),
 ]

@@ -6,7 +6,7 @@
 2. Forward+backward timings at B = N in {4096, 16384, 32768, 65536}, d in {384, 768}, bf16, unit-norm
    embeddings, temperature 0.05, one direction (query -> passage, in-batch negatives): effir triton (and cuda;
    also the Triton backward with dS blocks of (B + N) d entries instead of 2 (B + N) d, with the GEMM tiles in
-   M-fastest order, with cuBLAS GEMM steps, and the fused design),
+   M-fastest order, with cuBLAS GEMM steps),
    the torch eager reference, torch.compile of it, sentence-transformers' MultipleNegativesRankingLoss
    (`compute_loss_from_embeddings`, scale 20), memeff `MemoryEfficientQwen3Loss` (margin 2 = no false-negative
    mask, normalized_inputs, stable=False) and inf-cl `cal_flash_loss` (head_dim 128, fp32 inside by design).
@@ -87,8 +87,6 @@ def correctness(backends, quick, deadline):
         same = _loss_grads(ref, q, p, neg, TEMPERATURE)
         floor = _ULPS * torch.finfo(dtype).eps
         variants = [(be, be, {}) for be in backends]  # (label, backend, env knobs)
-        if "triton" in backends and (B, M, d, dtype, sym) == CASES[1]:
-            variants.append(("triton-fused-bwd", "triton", {"EFFIR_TRITON_LOSS_BWD": "fused"}))
         rows_, cols_ = block_shape(B, B + M, d)
         if "triton" in backends and (B > rows_ or B + M > cols_):  # several dS blocks: every GEMM step,
             variants += [("triton-mcol", "triton", {"EFFIR_TRITON_GEMM_ORDER": "column",
@@ -117,7 +115,7 @@ def _effir(backend):
 
 
 class _EnvBwd(torch.autograd.Function):
-    """Identity on the Triton loss whose backward runs under other env knobs (a backward design, a dS block size)."""
+    """Identity on the Triton loss whose backward runs under other env knobs (a GEMM engine, a dS block size)."""
 
     @staticmethod
     def forward(ctx, q, p, env):
@@ -198,16 +196,13 @@ def contestants(backends, quick=False):
     for name, maker, dense in (("memeff", _memeff, False), ("inf_cl", _inf_cl, False)):
         fn, note = maker()
         out[name] = (fn, note, dense)
-    if "triton" in backends:  # the other backward designs, side by side (blocked, square dS blocks is the default)
+    if "triton" in backends:  # the backward's other settings, side by side (square dS blocks is the default)
         out["effir_triton_ds1x"] = (_effir_triton_env(EFFIR_TRITON_DS_BLOCK="1"), "EFFIR_TRITON_DS_BLOCK=1", False)
         out["effir_triton_tgemm"] = (_effir_triton_env(EFFIR_TRITON_LOSS_GEMM="triton"),
                                      "EFFIR_TRITON_LOSS_GEMM=triton", False)
     out["torch_eager"] = (_eager, None, True)
     fn, note = _st_mnrl()
     out["st_mnrl"] = (fn, note, True)
-    if "triton" in backends:
-        out["effir_triton_fused_bwd"] = (_effir_triton_env(EFFIR_TRITON_LOSS_BWD="fused"),
-                                         "EFFIR_TRITON_LOSS_BWD=fused", False)
     if quick:  # its first call compiled for > 60 s on a fresh H100 machine (2026-11-27): the full run only
         out["torch_compile"] = (None, "skipped in --quick (compiles for over a minute on a fresh machine)", True)
     else:
@@ -305,7 +300,7 @@ def _summary(rows):
     s = {"triton_ms": tri["fwd_bwd_ms"], "triton_frac_of_matmul": tri.get("frac_of_matmul"),
          "triton_peak_bytes": tri["peak_bytes"],
          "inputs_bytes": 2 * 32768 * 768 * 2}
-    for alt in ("effir_triton_fused_bwd", "effir_triton_ds1x", "effir_triton_tgemm"):
+    for alt in ("effir_triton_ds1x", "effir_triton_tgemm"):
         if alt in at:
             s[f"{alt[6:]}_ms"] = at[alt]["fwd_bwd_ms"]
     for peer in ("memeff", "inf_cl", "torch_eager", "torch_compile", "st_mnrl"):
@@ -319,7 +314,7 @@ def best_configs() -> dict:
     from kernels import info_nce as k
 
     out = {}
-    for name in ("_fwd_kernel", "_bwd_dscores_kernel", "_mm_acc_kernel", "_bwd_dq_kernel", "_bwd_ddocs_kernel"):
+    for name in ("_fwd_kernel", "_bwd_dscores_kernel", "_mm_acc_kernel"):
         cache = getattr(getattr(k, name, None), "cache", None) or {}
         out[name] = {str(key): str(cfg) for key, cfg in cache.items()}
     return out

@@ -2,7 +2,7 @@
 effir/ops/info_nce.py: `forward(...) -> (loss, lse, dloss_dt)` (R, B) fp32 and `backward(...) -> (dq, ddocs)`.
 
 Inputs fp32 / fp16 / bf16, contiguous. Extra memory: O((B + N) d) fp32 gradient workspaces, O(B) statistics,
-and (blocked backward) one dS block of at most (B + N) d entries in the input dtype.
+and, in the backward, one dS block of at most (B + N) d entries in the input dtype.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from effir.backends import triton_interpret
 from kernels._knobs import env_choice
 from kernels._mm import mm_unrounded
 
-from kernels.info_nce import _bwd_ddocs_kernel, _bwd_dq_kernel, _bwd_dscores_kernel, _fwd_kernel, _mm_acc_kernel
+from kernels.info_nce import _bwd_dscores_kernel, _fwd_kernel, _mm_acc_kernel
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -153,29 +153,11 @@ def _mm_acc(a, b, c, out, first: bool, last: bool, n_fastest: bool, cublas: bool
         FIRST=first, LAST=last, N_FASTEST=n_fastest, IEEE=ieee, UPCAST=up)
 
 
-def backward_variant() -> str:
-    """"blocked" (default) or "fused" (EFFIR_TRITON_LOSS_BWD): see kernels/info_nce.py."""
-    return env_choice("EFFIR_TRITON_LOSS_BWD", ("blocked", "fused"), "blocked")
-
-
 def backward(q, docs, temperature, lse, grad_loss, query_groups, doc_groups, pos_offset: int):
     _check(q, docs)
-    B, K = q.shape
-    N = docs.shape[0]
     t = temperature.to(torch.float32).contiguous()
     lse = lse.to(torch.float32).contiguous()
     g = grad_loss.to(torch.float32).contiguous()
     sym = lse.shape[0] == 2
     qg_, dg_, has = _groups(query_groups, doc_groups, q)
-    ieee = q.dtype == torch.float32
-    if backward_variant() == "blocked":
-        return _backward_blocked(q, docs, t, lse, g, qg_, dg_, has, sym, pos_offset)
-    dq = torch.zeros(B, K, dtype=torch.float32, device=q.device)
-    dd = torch.zeros(N, K, dtype=torch.float32, device=q.device)
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
-        q, docs, t, qg_, dg_, lse, g, dq, B, N, K, pos_offset, q.stride(0), docs.stride(0),
-        HAS_GROUPS=has, SYMMETRIC=sym, IEEE=ieee, UPCAST=_upcast(q))
-    _bwd_ddocs_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-        q, docs, t, qg_, dg_, lse, g, dd, B, N, K, pos_offset, q.stride(0), docs.stride(0),
-        HAS_GROUPS=has, SYMMETRIC=sym, IEEE=ieee, UPCAST=_upcast(q))
-    return dq.to(q.dtype), dd.to(docs.dtype)
+    return _backward_blocked(q, docs, t, lse, g, qg_, dg_, has, sym, pos_offset)
