@@ -429,7 +429,7 @@ _TILE_CHOICES = tuple(f"{m}x{k}x{w}" for m in (16, 32, 64, 128, 256) for k in (1
                       for w in (1, 2, 4, 8, 16))
 
 
-def _tile(kernel: str, d: int, r: int, dtype: torch.dtype, activation: str = "relu"):
+def _tile(kernel: str, d: int, r: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_K, BLOCK_R, num_warps) of the forward (kernel="fwd") or row-gradient ("bwd") kernel.
 
     16-bit inputs read EFFIR_ADAPTER_FWD_TILE / EFFIR_ADAPTER_BWD_TILE, else EFFIR_ADAPTER_TILE, as
@@ -439,7 +439,7 @@ def _tile(kernel: str, d: int, r: int, dtype: torch.dtype, activation: str = "re
     bm, bk, br = _blocks(d, r, dtype)
     warps = _warps(bm, bk, br)
     if dtype in (torch.float16, torch.bfloat16):
-        bm, bk, warps = _TILE_16BIT.get((kernel, activation), _TILE_16BIT[kernel])
+        bm, bk, warps = _TILE_16BIT[kernel]
         v = env_choice(f"EFFIR_ADAPTER_{kernel.upper()}_TILE", _TILE_CHOICES, None)
         if v is None:
             v = env_choice("EFFIR_ADAPTER_TILE", _TILE_CHOICES, None)
@@ -454,9 +454,10 @@ def _tile(kernel: str, d: int, r: int, dtype: torch.dtype, activation: str = "re
 # 306 us at 32x128x4 against 513 at the former 64x64x8; row-gradient kernel 641 us at 64x64x4 against 971.
 # Four warps and short row blocks win: more programs per SM hide the chunk loops' load latency (the 8-warp
 # tiles ran at 12.5% occupancy, register-bound, in run 3's Nsight Compute counters).
-# silu's backward at 64 rows and 4 warps needs more than 255 registers (304 B of spills on sm_90,
-# bench/triton_aot.py): half the rows there.
-_TILE_16BIT = {"fwd": (32, 128, 4), "bwd": (64, 64, 4), ("bwd", "silu"): (32, 64, 4)}
+# The row-gradient kernel at 64x64x4 needs more than the 255 registers a thread has and spills (152-356 B per
+# thread on sm_90 with the LayerNorm variants, bench/results/triton_aot_sm90.json), yet measured fastest: 641 us
+# against 784 us at 32x64x4, which does not spill (runs 4 and 5). The spills stay in L1.
+_TILE_16BIT = {"fwd": (32, 128, 4), "bwd": (64, 64, 4)}
 
 
 def _stages(x: torch.Tensor) -> int:
@@ -496,7 +497,7 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
     if z_out is not None and not (pre_ln and res is not None):
         raise ValueError("z_out is only written by the Pfeiffer variant (pre_ln=True) with a residual res")
     y = torch.empty_like(x)
-    bm, bk, br, warps = _tile("fwd", d, r, x.dtype, activation)
+    bm, bk, br, warps = _tile("fwd", d, r, x.dtype)
     dummy = x  # never read when the flag is off
     _fwd_kernel[(triton.cdiv(m, bm),)](
         x, res if res is not None else dummy, w_down, b_down, w_up, b_up,
@@ -515,7 +516,7 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     r = w_down.shape[0]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     dev = x.device
-    bm, bk, br, warps = _tile("bwd", d, r, x.dtype, activation)
+    bm, bk, br, warps = _tile("bwd", d, r, x.dtype)
     dx = torch.empty_like(x)
     dres = torch.empty_like(x) if res is not None else None
     # act(a) and d(a) rows in the input dtype: what the weight-gradient GEMMs take (as torch's own autograd

@@ -39,11 +39,3 @@ def test_adapter_tile_per_kernel_overrides_the_shared_one(monkeypatch):
     assert adapter._tile("bwd", 768, 48, torch.float32) == (64, 64, 64, 8)  # fp32 keeps its default
     assert adapter._tile("fwd", 24, 4, torch.bfloat16) == (128, 32, 16, 16)  # chunks no wider than the row
 
-
-def test_adapter_silu_backward_takes_the_smaller_tile(monkeypatch):
-    """silu's row-gradient kernel spills on sm_90 at the relu-measured 64-row tile (tests/test_triton_aot.py)."""
-    for name in ("EFFIR_ADAPTER_TILE", "EFFIR_ADAPTER_FWD_TILE", "EFFIR_ADAPTER_BWD_TILE"):
-        monkeypatch.delenv(name, raising=False)
-    assert adapter._tile("bwd", 768, 48, torch.bfloat16, "silu") == (32, 64, 64, 4)
-    assert adapter._tile("bwd", 768, 48, torch.bfloat16, "gelu") == (64, 64, 64, 4)
-    assert adapter._tile("fwd", 768, 48, torch.bfloat16, "silu") == (32, 128, 64, 4)

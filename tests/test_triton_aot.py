@@ -58,6 +58,12 @@ def test_every_variant_compiles(arch, sm90, sm80):
     assert not failed, "compile failures:\n" + "\n".join(failed)
 
 
+# The adapter's row-gradient kernel at its 16-bit default tile spills on sm_90 and was still measured fastest on
+# an H100 (kernels/bottleneck_adapter._TILE_16BIT: 356 B per thread with the seq_bn layout, 641 us against 784 us
+# for a tile that does not spill). It may spill up to this much; every other 16-bit kernel not at all.
+MEASURED_SPILLS = {"bottleneck_adapter._bwd_rows_kernel": 512}
+
+
 def test_16bit_variants_do_not_spill_on_sm90(sm90):
     """The performance targets are H100/H200 (sm_90). On sm_80 (no wgmma: accumulators and operands all in
     registers) a few of the same tiles spill a little; that is reported by the CLI, not asserted."""
@@ -65,7 +71,8 @@ def test_16bit_variants_do_not_spill_on_sm90(sm90):
     assert rows
     assert all(r["n_spills"] is not None for r in rows), "ptxas -v log not parsed"
     spills = [f"{_name(r)}: {r['n_regs']} regs, {r['n_spills']} B spill stores, {r['spill_loads_bytes']} B spill "
-              f"loads, {r['local_mem_instructions']} LDL/STL" for r in rows if r["n_spills"] > 0]
+              f"loads, {r['local_mem_instructions']} LDL/STL" for r in rows
+              if r["n_spills"] > MEASURED_SPILLS.get(r["kernel"], 0)]
     assert not spills, "16-bit kernels spill:\n" + "\n".join(spills)
 
 
