@@ -21,8 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 def _card(run: Path) -> str:
     try:
         prov = json.loads((run / "suite.json").read_text())["provenance"]
-        return f"{prov['gpu']}, driver {prov['driver']}, torch {prov['torch']}, triton {prov['triton']}, " \
-               f"commit {prov['commit'][:7]}"
+        # a dirty checkout (the device tool copies the working tree over a lagging HEAD): the tree names the code
+        code = f"tree {prov['tree'][:7]}" if prov.get("dirty") and prov.get("tree") else f"commit {prov['commit'][:7]}"
+        return f"{prov['gpu']}, driver {prov['driver']}, torch {prov['torch']}, triton {prov['triton']}, {code}"
     except Exception:
         return run.name
 
