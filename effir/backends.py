@@ -10,8 +10,9 @@ Backends per op:
   B = N = 32768, d = 768, 59.9% of the card's measured bf16 matmul rate, against 354 ms for the extension
   (run 1; its mma.sync kernels are unpipelined);
 - adapter followed by residual + LayerNorm on a GPU ("adapter_ln": the seq_bn / Pfeiffer and Houlsby / parallel
-  placements): "triton". Run 5, 65536 tokens, d = 768, r = 48: seq_bn 1.10 ms against 1.34 (plain autograd),
-  1.57 (AdapterHub), 1.66 (torch.compile), with a third of the saved activations; post-LN 0.93 against 1.07;
+  placements), 16-bit inputs: "triton". Run 5, 65536 tokens, d = 768, r = 48, bf16: seq_bn 1.10 ms against 1.34
+  (plain autograd), 1.57 (AdapterHub), 1.66 (torch.compile), with a third of the saved activations; post-LN 0.93
+  against 1.07. fp32 inputs (what autocast training hands it: an fp32 residual stream): "reference", untimed;
 - plain adapter on a GPU ("adapter"): "reference" (plain autograd): the fused kernel has not been timed on a GPU
   since its tiles were retuned (run 1: slower than plain autograd);
 - on CPU the pure-PyTorch memory-lean path ("chunked" / "recompute"). A GPU run that has to fall back warns and
@@ -72,15 +73,21 @@ def available_backends(op: str = "loss", device: torch.device | str = "cpu") -> 
     return out
 
 
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Turn `backend` (a name or "auto") into a backend that can run on `device`, or raise. op: "loss",
-    "adapter" (the plain adapter) or "adapter_ln" (adapter + residual + LayerNorm)."""
+    "adapter" (the plain adapter) or "adapter_ln" (adapter + residual + LayerNorm); dtype: the inputs' (the
+    adapter's "auto" follows what was measured, 16-bit inputs)."""
     names = LOSS_BACKENDS if op == "loss" else ADAPTER_BACKENDS
     if backend not in names + ("auto",):
         raise ValueError(f"backend must be one of {names + ('auto',)}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
             if op == "adapter":  # measured fastest on an H100 (module docstring); a choice, not a fallback
+                return "reference"
+            if op == "adapter_ln" and dtype not in (torch.bfloat16, torch.float16):
+                # only 16-bit inputs were timed. Under autocast a BERT layer hands the op a bf16 sub-block output
+                # and an fp32 residual, so it runs in fp32, where the fused kernels take exact fp32 dots (no
+                # tensor cores) against autocast's bf16 linears in plain autograd: a choice, not a fallback
                 return "reference"
             if op == "adapter_ln" and not triton_runs_on(device):
                 warnings.warn(f"effir: Triton is not installed; the fused adapter + LayerNorm on {device} falls "

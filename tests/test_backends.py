@@ -15,13 +15,17 @@ def test_auto_adapter_on_gpu_follows_the_h100_runs(monkeypatch):
     # plain adapter's fused kernel is untimed since its retuning, so plain autograd. No GPU needed to check it
     from effir import backends
 
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
     monkeypatch.setattr(backends, "triton_runs_on", lambda device: True)
-    assert resolve_backend("adapter", "auto", torch.device("cuda")) == "reference"
-    assert resolve_backend("adapter_ln", "auto", torch.device("cuda")) == "triton"
+    assert resolve_backend("adapter", "auto", cuda, bf16) == "reference"
+    assert resolve_backend("adapter_ln", "auto", cuda, bf16) == "triton"
+    assert resolve_backend("adapter_ln", "auto", cuda, torch.float16) == "triton"
+    # fp32 (an autocast step's residual stream) was not timed: plain autograd
+    assert resolve_backend("adapter_ln", "auto", cuda, torch.float32) == "reference"
     monkeypatch.setattr(backends, "triton_runs_on", lambda device: False)
     with pytest.warns(RuntimeWarning, match="Triton is not installed"):
-        assert resolve_backend("adapter_ln", "auto", torch.device("cuda")) == "reference"
-    assert resolve_backend("adapter_ln", "auto", torch.device("cpu")) == "recompute"
+        assert resolve_backend("adapter_ln", "auto", cuda, bf16) == "reference"
+    assert resolve_backend("adapter_ln", "auto", torch.device("cpu"), bf16) == "recompute"
 
 
 def test_unknown_backend_names_the_choices():

@@ -249,7 +249,7 @@ def bottleneck_adapter_layernorm(h: Tensor, input_tensor: Tensor, w_down: Tensor
     scaling = _scaling(scaling)
     if not isinstance(eps, (int, float)) or eps <= 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    backend = resolve_backend("adapter_ln", backend, h.device)
+    backend = resolve_backend("adapter_ln", backend, h.device, h.dtype)
     if backend == "reference":
         return bottleneck_adapter_layernorm_reference(
             h, input_tensor, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation=act, scaling=scaling,
