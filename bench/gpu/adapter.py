@@ -8,6 +8,9 @@
    `Adapter` module with the layer's LayerNorm (import-guarded: recorded missing when `adapters` does not import).
    Achieved bandwidth = minimal bytes / time, against a device-to-device copy measured in the same run; saved
    bytes = what autograd keeps for backward (saved-tensor hooks).
+3. seq_bn as bf16 autocast training hands it (bf16 h, fp32 residual and weights: the op computes in fp32) at the
+   target shape: effir's module path with backend "triton" and "reference", and AdapterHub, in GPU ms; what
+   `backend="auto"` should pick for fp32 inputs (plain autograd until this is measured).
 Minimal bytes (b = bytes per element, M tokens):
    plain:  fwd x read + y write, bwd x, dy read + dx write                      = 5 M d b
    ln:     fwd h, t read + y write, bwd h, t, dy read + dh, dt write            = 8 M d b
@@ -158,16 +161,17 @@ def copy_bandwidth(nbytes=1 << 30):
     return 2 * nbytes / (ms * 1e-3)
 
 
-def _adapterhub_fn(variant, d, r, act, scaling):
-    """AdapterHub's own Adapter module (pre_forward -> forward -> post_forward, as its BertOutput runs it)."""
+def _adapterhub_fn(variant, d, r, act, scaling, dtype=torch.bfloat16):
+    """AdapterHub's own Adapter module (pre_forward -> forward -> post_forward, as its BertOutput runs it), its
+    weights and the layer's LayerNorm in `dtype`."""
     from adapters.configuration import DoubleSeqBnConfig, SeqBnConfig
     from adapters.methods.modeling import Adapter
 
     if variant == "plain":
         return None
     cfg = (SeqBnConfig if variant == "ln_pre" else DoubleSeqBnConfig)(non_linearity=act, scaling=scaling)
-    mod = Adapter("bench", d, r, cfg).to(DEVICE, torch.bfloat16)
-    ln = torch.nn.LayerNorm(d, eps=1e-5).to(DEVICE, torch.bfloat16).requires_grad_(False)
+    mod = Adapter("bench", d, r, cfg).to(DEVICE, dtype)
+    ln = torch.nn.LayerNorm(d, eps=1e-5).to(DEVICE, dtype).requires_grad_(False)
 
     def f(h, t, wd, bd, wu, bu, lw, lb):
         x, _, residual = mod.pre_forward(h, t, ln)
@@ -328,6 +332,52 @@ def timings(backends, quick, copy_bps, deadline, rows=None):
     return rows, hub_err
 
 
+def autocast_timings(m: int, d: int, deadline: float, reps: int = 10) -> list[dict]:
+    """seq_bn as a training step under bf16 autocast hands it (what `auto` decides for fp32 inputs): h the bf16
+    output of the layer's dense sub-block, t the fp32 residual stream (autocast runs LayerNorm in fp32), fp32
+    adapter and LayerNorm weights. Contestants: effir's module path (promotes to fp32, then backend "triton" or
+    "reference") and AdapterHub's module, all inside torch.autocast(bf16), forward + backward GPU ms (queued)."""
+    from effir.adapters.modules import BottleneckAdapter
+
+    r = d // 16
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    h = torch.randn(m, d, generator=g, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    t = torch.randn(m, d, generator=g, device=DEVICE).requires_grad_()
+    dy = torch.randn(m, d, generator=g, device=DEVICE)
+    ln = torch.nn.LayerNorm(d, eps=1e-5).to(DEVICE).requires_grad_(False)
+    rows = []
+    contestants = {}
+    for backend in ("triton", "reference"):
+        mod = BottleneckAdapter(d, reduction_factor=16, activation="relu", backend=backend).to(DEVICE)
+        torch.nn.init.normal_(mod.up.weight, std=0.02)
+        contestants[f"effir_{backend}"] = (lambda mod=mod: mod.forward_layernorm(h, t, ln, original_ln_before=True),
+                                           [h, t, *mod.parameters()])
+    try:
+        hub, params = _adapterhub_fn("ln_pre", d, r, "relu", 1.0, dtype=torch.float32)
+        contestants["adapterhub"] = (lambda: hub(h, t, *([None] * 6)), [h, t, *params])
+    except Exception as exc:
+        rows.append({"method": "adapterhub", "error": f"{type(exc).__name__}: {exc}"[:300]})
+    for name, (fwd, leaves) in contestants.items():
+        if time.time() > deadline:
+            rows.append({"method": name, "skipped": "time budget"})
+            continue
+
+        def step(fwd=fwd, leaves=leaves):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                y = fwd()
+            torch.autograd.grad(y, leaves, dy.to(y.dtype))
+
+        row = {"variant": "ln_pre_autocast", "method": name, "M": m, "d": d, "r": r}
+        try:
+            q = queued_ms(step, reps=reps) if DEVICE == "cuda" else {"ms": _bench_ms(step, True), "host_ms": 0.0,
+                                                                      "queued": False}
+            row.update(ms=q["ms"], host_ms=q["host_ms"], queued=q["queued"])
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+    return rows
+
+
 def run(out=None, quick: bool = False, budget_s: float | None = None) -> dict:
     """Fill and return the adapter section; with `out` a folder, also write adapter.json there.
     Work past `budget_s` (default 80 s, quick 17 s: inside the suite's time box) is recorded as skipped."""
@@ -350,6 +400,11 @@ def run(out=None, quick: bool = False, budget_s: float | None = None) -> dict:
         res["adapterhub"] = res["adapterhub"] or "imported"
     except Exception:  # the suite's time box included: the rows measured so far stay in res["timings"]
         res["timings_error"] = traceback.format_exc()[-3000:]
+    if DEVICE == "cuda" and time.time() < deadline:
+        try:  # what `auto` should do for fp32 inputs, the shape autocast training gives the op
+            res["autocast"] = autocast_timings(*TARGET, deadline)
+        except Exception:
+            res["autocast_error"] = traceback.format_exc()[-2000:]
     res["seconds"] = time.time() - t0
     lines = []
     for t in res.get("timings", []):
@@ -358,6 +413,10 @@ def run(out=None, quick: bool = False, budget_s: float | None = None) -> dict:
                          f"({t['timing']}; wall {t['wall_ms']:.3f}) {t['bytes_per_s'] / 1e9:7.0f} GB/s  "
                          f"{100 * (t['frac_copy'] or 0):5.1f}% of copy, "
                          f"saves {t.get('saved_bytes', float('nan')) / 2**20:.0f} MiB")
+    for t in res.get("autocast", []):
+        if "ms" in t:
+            lines.append(f"ln_pre under bf16 autocast (bf16 h, fp32 residual) M={t['M']:6d} d={t['d']:5d} "
+                         f"{t['method']:16s} {t['ms']:8.3f} ms (queued={t['queued']}; host {t['host_ms']:.3f} ms)")
     res["table"] = lines
     if isinstance(out, dict):
         out["adapter"] = res
