@@ -452,11 +452,11 @@ def _tile(kernel: str, d: int, r: int, dtype: torch.dtype):
 # 16-bit defaults (BLOCK_M, BLOCK_K, warps), the fastest per kernel in the H100 tile sweep of run 4
 # (bench/results/gpu_h100_2026-11-27_run4, seq_bn at 65536 tokens, d = 768, r = 48, profiler times): forward
 # 306 us at 32x128x4 against 513 at the former 64x64x8; row-gradient kernel 641 us at 64x64x4 against 971.
-# Four warps and short row blocks win: more programs per SM hide the chunk loops' load latency (the 8-warp
-# tiles ran at 12.5% occupancy, register-bound, in run 3's Nsight Compute counters).
+# Four warps and short row blocks win, plausibly because more programs per SM hide the chunk loops' load latency
+# (the 8-warp tiles ran at 12.5% occupancy, register-bound, in run 3's Nsight Compute counters).
 # The row-gradient kernel at 64x64x4 needs more than the 255 registers a thread has and spills (152-356 B per
 # thread on sm_90 with the LayerNorm variants, bench/results/triton_aot_sm90.json), yet measured fastest: 641 us
-# against 784 us at 32x64x4, which does not spill (runs 4 and 5). The spills stay in L1.
+# against 784 us at 32x64x4, which does not spill (runs 4 and 5).
 _TILE_16BIT = {"fwd": (32, 128, 4), "bwd": (64, 64, 4)}
 
 

@@ -5,8 +5,8 @@
    odd B / M / d; error rule of tests/_errors.py (no worse than torch's own same-dtype error x 4).
 2. Forward+backward timings at B = N in {4096, 16384, 32768, 65536}, d in {384, 768}, bf16, unit-norm
    embeddings, temperature 0.05, one direction (query -> passage, in-batch negatives): effir triton (and cuda;
-   also the Triton backward with dS blocks of (B + N) d entries instead of 2 (B + N) d, with the GEMM tiles in
-   M-fastest order, with cuBLAS GEMM steps),
+   also the Triton backward with dS blocks of (B + N) d entries instead of 2 (B + N) d, and with Triton GEMM
+   steps instead of the default cuBLAS ones),
    the torch eager reference, torch.compile of it, sentence-transformers' MultipleNegativesRankingLoss
    (`compute_loss_from_embeddings`, scale 20), memeff `MemoryEfficientQwen3Loss` (margin 2 = no false-negative
    mask, normalized_inputs, stable=False) and inf-cl `cal_flash_loss` (head_dim 128, fp32 inside by design).
