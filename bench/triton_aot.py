@@ -58,6 +58,10 @@ QUICK = {
     ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 gelu houlsby"),
     ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 relu pfeiffer h+t writes z"),
     ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 relu pfeiffer"),
+    ("bottleneck_adapter._fwd_moments_kernel", "bf16 d=768 r=48 relu pfeiffer h+t writes z"),
+    ("bottleneck_adapter._bwd_moments_kernel", "bf16 d=768 r=48 relu pfeiffer"),
+    ("bottleneck_adapter._bwd_moments_kernel", "bf16 d=768 r=48 gelu plain"),
+    ("bottleneck_adapter._wu_moments_kernel", "bf16 d=768 r=48 pfeiffer"),
     ("bottleneck_adapter._fwd_kernel", "fp32 d=384 r=24 relu plain"),
     ("bottleneck_adapter._bwd_rows_kernel", "fp64 d=768 r=48 gelu pfeiffer"),
 }
@@ -280,6 +284,12 @@ def adapter_launches(mod) -> list[Launch]:
                     lnw, lnb = (torch.empty(d, **meta), torch.empty(d, **meta)) if post else (None, None)
 
                     def call():
+                        # both designs of the statistics (EFFIR_ADAPTER_STATS): their kernels differ
+                        for design in ("passes", "moments"):
+                            with mock.patch.dict(os.environ, EFFIR_ADAPTER_STATS=design):
+                                one_design()
+
+                    def one_design():
                         if has_res and pre:  # Pfeiffer fed h and t: training writes z, inference does not
                             mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post,
                                                   z_out=torch.empty_like(x))
