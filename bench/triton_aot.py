@@ -272,44 +272,51 @@ def adapter_launches(mod) -> list[Launch]:
     M = 8192  # tokens per call (e.g. 32 x 256); only its divisibility by 16 reaches the compiler
     shapes = sorted({(d, r) for d in (384, 768, 1024) for r in (d // 16, 48)})
     # fp64 (the exact path: scalars read from an fp64 tensor, fp64 dots) once per layout at d = 768, r = 48
-    for dt in (torch.bfloat16, torch.float32, torch.float64):
-        for d, r in (shapes if dt != torch.float64 else [(768, 48)]):
-            for (has_res, pre, post), layout in _LAYOUTS.items():
-                for act in (("relu", "gelu", "silu") if dt != torch.float64 else ("gelu",)):
-                    meta = dict(dtype=dt, device="meta")
-                    x, dy = torch.empty(M, d, **meta), torch.empty(M, d, **meta)
-                    res = torch.empty(M, d, **meta) if has_res else None
-                    wd, bd = torch.empty(r, d, **meta), torch.empty(r, **meta)
-                    wu, bu = torch.empty(d, r, **meta), torch.empty(d, **meta)
-                    lnw, lnb = (torch.empty(d, **meta), torch.empty(d, **meta)) if post else (None, None)
+    # "mixed": what bf16 autocast training hands the adapter + LayerNorm op (bf16 h and adapter weights, fp32
+    # residual, LayerNorm, dy; Pfeiffer's backward reads the fp32 z), relu only: the activation barely moves registers
+    cases = [(dt, d, r, lay, act, False) for dt in (torch.bfloat16, torch.float32, torch.float64)
+             for d, r in (shapes if dt != torch.float64 else [(768, 48)]) for lay in _LAYOUTS
+             for act in (("relu", "gelu", "silu") if dt != torch.float64 else ("gelu",))]
+    cases += [(torch.bfloat16, d, r, lay, "relu", True) for d, r in shapes for lay in _LAYOUTS if lay[2]]
+    for dt, d, r, (has_res, pre, post), act, mixed in cases:
+        layout = _LAYOUTS[(has_res, pre, post)]
+        meta = dict(dtype=dt, device="meta")
+        wide = dict(dtype=torch.float32 if mixed else dt, device="meta")
+        x = torch.empty(M, d, **(wide if mixed and pre and not has_res else meta))  # Pfeiffer's bwd: fp32 z
+        dy = torch.empty(M, d, **wide)
+        res = torch.empty(M, d, **wide) if has_res else None
+        wd, bd = torch.empty(r, d, **meta), torch.empty(r, **meta)
+        wu, bu = torch.empty(d, r, **meta), torch.empty(d, **meta)
+        lnw, lnb = (torch.empty(d, **wide), torch.empty(d, **wide)) if post else (None, None)
 
-                    def call():
-                        # both designs of the statistics (EFFIR_ADAPTER_STATS): their kernels differ
-                        for design in ("passes", "moments"):
-                            with mock.patch.dict(os.environ, EFFIR_ADAPTER_STATS=design):
-                                one_design()
+        def call():
+            # both designs of the statistics (EFFIR_ADAPTER_STATS): their kernels differ
+            for design in ("passes", "moments"):
+                with mock.patch.dict(os.environ, EFFIR_ADAPTER_STATS=design):
+                    one_design()
 
-                    def one_design():
-                        if has_res and pre:  # Pfeiffer fed h and t: training writes z, inference does not
-                            mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post,
-                                                  z_out=torch.empty_like(x))
-                            mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
-                            return
-                        mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
-                        mod.fused_adapter_bwd(dy, x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
+        def one_design():
+            if has_res and pre:  # Pfeiffer fed h and t: training writes z, inference does not
+                mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post,
+                                      z_out=torch.empty_like(res))
+                mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
+                return
+            mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
+            mod.fused_adapter_bwd(dy, x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
 
-                    calls = _record(mod, kernels, call)
-                    for kname, kernel in kernels.items():
-                        for args, kwargs in calls[kname]:
-                            for ln in _expand("bottleneck_adapter", kname, kernel, args, kwargs):
-                                c = ln.constexprs
-                                act_s = f" {acts[c['ACT']]}" if "ACT" in c else ""
-                                lay = (_LAYOUTS[(c["HAS_RES"], c["PRE_LN"], c["POST_LN"])] if "HAS_RES" in c
-                                       else layout)
-                                legacy = " writes z" if c.get("WRITE_Z") else ""
-                                ln.variant = f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} {lay}{legacy}"
-                                ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
-                                out.append(ln)
+        calls = _record(mod, kernels, call)
+        for kname, kernel in kernels.items():
+            for args, kwargs in calls[kname]:
+                for ln in _expand("bottleneck_adapter", kname, kernel, args, kwargs):
+                    c = ln.constexprs
+                    act_s = f" {acts[c['ACT']]}" if "ACT" in c else ""
+                    lay = (_LAYOUTS[(c["HAS_RES"], c["PRE_LN"], c["POST_LN"])] if "HAS_RES" in c
+                           else layout)
+                    legacy = " writes z" if c.get("WRITE_Z") else ""
+                    lay += " mixed" if mixed else ""
+                    ln.variant = f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} {lay}{legacy}"
+                    ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
+                    out.append(ln)
     return out
 
 

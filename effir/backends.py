@@ -12,7 +12,8 @@ Backends per op:
 - adapter followed by residual + LayerNorm on a GPU ("adapter_ln": the seq_bn / Pfeiffer and Houlsby / parallel
   placements), 16-bit inputs: "triton". Run 5, 65536 tokens, d = 768, r = 48, bf16: seq_bn 1.10 ms against 1.34
   (plain autograd), 1.57 (AdapterHub), 1.66 (torch.compile), with a third of the saved activations; post-LN 0.93
-  against 1.07. fp32 inputs (what autocast training hands it: an fp32 residual stream): "reference", untimed;
+  against 1.07. fp32 inputs, and the mix autocast training hands it (bf16 h and adapter weights, fp32 residual
+  stream and LayerNorm, which the Triton kernels take as it is): "reference", until timed;
 - plain adapter on a GPU ("adapter"): "reference" (plain autograd): the fused kernel has not been timed on a GPU
   since its tiles were retuned (run 1: slower than plain autograd);
 - on CPU the pure-PyTorch memory-lean path ("chunked" / "recompute"). A GPU run that has to fall back warns and
@@ -86,8 +87,8 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
                 return "reference"
             if op == "adapter_ln" and dtype not in (torch.bfloat16, torch.float16):
                 # only 16-bit inputs were timed. Under autocast a BERT layer hands the op a bf16 sub-block output
-                # and an fp32 residual, so it runs in fp32, where the fused kernels take exact fp32 dots (no
-                # tensor cores) against autocast's bf16 linears in plain autograd: a choice, not a fallback
+                # and an fp32 residual (dtype: fp32, the computation's); the fused kernels take that mix as it is
+                # (bf16 tensor-core dots, fp32 LayerNorms) but were not timed on it yet: a choice, not a fallback
                 return "reference"
             if op == "adapter_ln" and not triton_runs_on(device):
                 warnings.warn(f"effir: Triton is not installed; the fused adapter + LayerNorm on {device} falls "

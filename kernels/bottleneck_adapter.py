@@ -28,6 +28,9 @@ Backward, no atomics, deterministic:
      registers, one partial per row split (EFFIR_ADAPTER_PARAMS=kernel), was measured slower on the H100 (run 3,
      bench/results/gpu_h100_2026-11-27_run3, seq_bn at 65536 tokens, d = 768: 2.19 ms against 1.66 ms with the
      GEMMs) and removed.
+A second design (EFFIR_ADAPTER_STATS=moments, untimed on a GPU; see the section header further down) takes v's
+statistics and the gradient through the post-LayerNorm from sums of the first pass and the up-projection's
+moments: forward 2 passes, row backward 2; the GEMMs are the same.
 Thin launchers only; autograd lives in effir/ops.
 """
 from __future__ import annotations
@@ -87,7 +90,8 @@ def _load_z(X, RES, rows, rmask, k0, D, BLOCK_K: tl.constexpr, HAS_RES: tl.const
             CDT: tl.constexpr):
     """(z chunk (BLOCK_M, BLOCK_K) in CDT with zeros outside, x chunk, cols, mask, offsets). Pfeiffer (PRE_LN) with
     a residual: z = x + res rounded to the input dtype, as torch's add gives it and as the forward writes it for
-    the backward (which then reads that z): forward and backward see the same z."""
+    the backward (which then reads that z): forward and backward see the same z. A mixed pair (16-bit x, fp32
+    res) sums in fp32, as torch's promoting add."""
     cols = k0 + tl.arange(0, BLOCK_K)
     mask = rmask[:, None] & (cols < D)[None, :]
     offs = rows[:, None].to(tl.int64) * D + cols[None, :]
@@ -95,7 +99,7 @@ def _load_z(X, RES, rows, rmask, k0, D, BLOCK_K: tl.constexpr, HAS_RES: tl.const
     z = x
     if HAS_RES:
         z = z + tl.load(RES + offs, mask=mask, other=0.0).to(CDT)
-        if PRE_LN:
+        if PRE_LN and X.dtype.element_ty == RES.dtype.element_ty:
             z = z.to(X.dtype.element_ty).to(CDT)
     return z, x, cols, mask, offs
 
@@ -702,6 +706,8 @@ def _tile(kernel: str, d: int, r: int, dtype: torch.dtype, design: str = "passes
 def _tile_cached(kernel: str, d: int, r: int, dtype: torch.dtype, design: str, env: tuple):
     # cached: every call of the op asks, and triton.next_power_of_2 alone costs microseconds of host time
     bm, bk, br = _blocks(d, r, dtype)
+    if design == "moments":  # three (BLOCK_M, BLOCK_R) sums in the first pass: half the rows keep them in registers
+        bm = max(16, bm // 2)
     warps = _warps(bm, bk, br)
     if dtype in (torch.float16, torch.bfloat16):
         bm, bk, warps = _TILE_16BIT[design][kernel]
@@ -722,17 +728,18 @@ def _tile_cached(kernel: str, d: int, r: int, dtype: torch.dtype, design: str, e
 # The row-gradient kernel at 64x64x4 needs more than the 255 registers a thread has and spills (152-356 B per
 # thread on sm_90 with the LayerNorm variants, bench/results/triton_aot_sm90.json), yet measured fastest: 641 us
 # against 784 us at 32x64x4, which does not spill (runs 4 and 5).
-# The two-pass kernels (EFFIR_ADAPTER_STATS=moments) are untimed: their defaults are the largest tiles that do not
-# spill on sm_90 (bench/triton_aot.py; the 4-warp forward at 32x64: 186 registers, the row backward at 32x64 on
-# 8 warps: 255), swept with others by bench/gpu/adapter.py.
+# The two-pass kernels (EFFIR_ADAPTER_STATS=moments) are untimed: their defaults are tiles of 32 rows (each row
+# block re-reads both weight matrices from L2 per pass: fewer rows, more of that traffic) that do not spill on
+# sm_90 at any (d, r) (bench/triton_aot.py: forward 32x64 on 4 warps, 186 registers at d = 768; row backward
+# 32x32 on 8 warps, its 32x64 spills 16-28 B at r = 24), swept with others by bench/gpu/adapter.py.
 _TILE_16BIT = {"passes": {"fwd": (32, 128, 4), "bwd": (64, 64, 4)},
-               "moments": {"fwd": (32, 64, 4), "bwd": (32, 64, 8)}}
+               "moments": {"fwd": (32, 64, 4), "bwd": (32, 32, 8)}}
 
 
-def _stages(x: torch.Tensor) -> int:
+def _stages(*tensors: torch.Tensor) -> int:
     # the chunk loops re-read a row block that sits in L1/L2: deep software pipelining buys little and its
     # multi-buffered (BLOCK_M, BLOCK_K) / (BLOCK_K, BLOCK_R) tiles would overflow shared memory in fp32 / fp64
-    return 2 if x.element_size() == 2 else 1
+    return 2 if all(t.element_size() == 2 for t in tensors if t is not None) else 1
 
 
 def _warps(bm: int, bk: int, br: int) -> int:
@@ -740,10 +747,12 @@ def _warps(bm: int, bk: int, br: int) -> int:
     return 8 if bm * max(bk, br) >= 4096 else 4
 
 
-def _flags(x: torch.Tensor):
-    # compute dtype of all elementwise math and accumulators: fp32, or fp64 for fp64 inputs
+def _flags(x: torch.Tensor, w: torch.Tensor | None = None):
+    # compute dtype of all elementwise math and accumulators: fp32, or fp64 for fp64 inputs; the dots follow the
+    # weights' dtype w (16-bit weights with fp32 activations: autocast's mix, tensor-core dots)
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return dict(IEEE=interp or x.dtype in (torch.float32, torch.float64),
+    w = x if w is None else w
+    return dict(IEEE=interp or w.dtype in (torch.float32, torch.float64),
                 CDT=tl.float64 if x.dtype == torch.float64 else tl.float32)
 
 
@@ -758,16 +767,19 @@ def _scalar_args(x: torch.Tensor, scaling: float, eps: float):
 
 def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str, scaling: float,
                       eps: float, pre_ln: bool, post_ln: bool, z_out: torch.Tensor | None = None) -> torch.Tensor:
-    """y (M, d) of one variant (see module doc). x, res: (M, d) contiguous; res/ln_* may be None.
-    z_out (Pfeiffer with res only): an (M, d) tensor like x that receives z = x + res (in x's dtype), written in
-    the pass that reads it anyway, so the backward can take z alone (`fused_adapter_bwd(dy, z, None, ...)`)."""
+    """y (M, d) of one variant (see module doc). x, res: (M, d) contiguous; res/ln_* may be None. One dtype, or
+    mixed: 16-bit x and adapter weights, fp32 res and LayerNorm (y then fp32, dots on 16-bit operands).
+    z_out (Pfeiffer with res only): an (M, d) tensor of y's dtype that receives z = x + res (rounded as torch's add),
+    written in the pass that reads it anyway, so the backward can take z alone (`fused_adapter_bwd(dy, z, None,
+    ...)`)."""
     m, d = x.shape
     r = w_down.shape[0]
     if z_out is not None and not (pre_ln and res is not None):
         raise ValueError("z_out is only written by the Pfeiffer variant (pre_ln=True) with a residual res")
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=x.dtype if res is None else torch.promote_types(x.dtype, res.dtype),
+                    device=x.device)
     moments = post_ln and stats_design() == "moments"  # the plain forward has two passes in either design
-    bm, bk, br, warps = _tile("fwd", d, r, x.dtype, "moments" if moments else "passes")
+    bm, bk, br, warps = _tile("fwd", d, r, w_down.dtype, "moments" if moments else "passes")
     dummy = x  # never read when the flag is off
     lnw = ln_weight if ln_weight is not None else dummy
     lnb = ln_bias if ln_bias is not None else dummy
@@ -776,7 +788,7 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
         x, res if res is not None else dummy, w_down, b_down, w_up, b_up, lnw, lnb, *mom, y,
         z_out if z_out is not None else dummy, m, d, r, *_scalar_args(x, scaling, eps), BLOCK_M=bm, BLOCK_K=bk,
         BLOCK_R=br, ACT=ACT_IDS[activation], HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln,
-        num_warps=warps, num_stages=_stages(x), WRITE_Z=z_out is not None, **_flags(x))
+        num_warps=warps, num_stages=_stages(x, res), WRITE_Z=z_out is not None, **_flags(x, w_down))
     return y
 
 
@@ -800,34 +812,37 @@ def _wu_moments(w_up, b_up, block_r: int, x) -> torch.Tensor:
 
 def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str,
                       scaling: float, eps: float, pre_ln: bool, post_ln: bool, ln_param_grads: bool = True):
-    """(dx, dres|None, dw_down, db_down, dw_up, db_up, dln_weight|None, dln_bias|None); all inputs contiguous.
+    """(dx, dres|None, dw_down, db_down, dw_up, db_up, dln_weight|None, dln_bias|None); all inputs contiguous,
+    dtypes as `fused_adapter_fwd` takes them (x, res, dy; dx / dres like x / res).
     ln_param_grads=False (frozen LayerNorm): the two LayerNorm gradients come back as zeros, unreduced."""
     m, d = x.shape
     r = w_down.shape[0]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     dev = x.device
     design = stats_design()
-    bm, bk, br, warps = _tile("bwd", d, r, x.dtype, design)
+    bm, bk, br, warps = _tile("bwd", d, r, w_down.dtype, design)
     dx = torch.empty_like(x)
-    dres = torch.empty_like(x) if res is not None else None
-    # act(a) and d(a) rows in the input dtype: what the weight-gradient GEMMs take (as torch's own autograd
-    # would), half the bytes of fp32 and no conversion kernels; the forward's dot rounds act(a) the same way
-    hbuf = torch.empty((m, r), dtype=x.dtype, device=dev)
-    dabuf = torch.empty((m, r), dtype=x.dtype, device=dev)
+    dres = torch.empty_like(res) if res is not None else None
+    # act(a), d(a), u = LN(z) and dv (the weight-gradient GEMMs' operands) in the weights' dtype: what the
+    # GEMMs take (as torch's own autograd would, autocast's too), half the bytes of fp32 at 16 bits and no
+    # conversion kernels; the forward's dot rounds act(a) the same way
+    gdt = w_down.dtype
+    hbuf = torch.empty((m, r), dtype=gdt, device=dev)
+    dabuf = torch.empty((m, r), dtype=gdt, device=dev)
     dummy = x
     has_res = res is not None
     ln = pre_ln or post_ln
     lnw = ln_weight if ln_weight is not None else dummy
     lnb = ln_bias if ln_bias is not None else dummy
-    flags = dict(HAS_RES=has_res, PRE_LN=pre_ln, POST_LN=post_ln, **_flags(x))
+    flags = dict(HAS_RES=has_res, PRE_LN=pre_ln, POST_LN=post_ln, **_flags(x, w_down))
     sc = _scalar_args(x, scaling, eps)
     n_blocks = triton.cdiv(m, bm)
     # dv, the gradient reaching v = z + s*p through the post-LayerNorm: Houlsby's dres itself, else a scratch
     if post_ln:
-        dv = dres if has_res and not pre_ln else torch.empty_like(x)
+        dv = dres if has_res and not pre_ln else torch.empty((m, d), dtype=gdt, device=dev)
     else:
         dv = dummy  # plain: dv = dy
-    u = torch.empty_like(x) if pre_ln else dummy
+    u = torch.empty((m, d), dtype=gdt, device=dev) if pre_ln else dummy
     pcol = torch.empty((n_blocks, 3, d), dtype=cdt, device=dev)
     if design == "moments":
         kernel, mom = _bwd_moments_kernel, ((_wu_moments(w_up, b_up, br, x) if post_ln else dummy),)
@@ -837,7 +852,7 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
         dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb, *mom, dx,
         dres if has_res else dummy, hbuf, dabuf, dv, u, pcol, m, d, r, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
-        num_stages=_stages(x), LN_GRADS=ln_param_grads, **flags)
+        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, **flags)
     grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln else None, hbuf, dabuf, pcol, scaling,
                               ln and ln_param_grads)
     dw_down, db_down, dw_up, db_up, dlnw, dlnb = grads

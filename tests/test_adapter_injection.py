@@ -165,6 +165,30 @@ def test_module_identity_and_autocast():
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
 
 
+@pytest.mark.parametrize("backend", ["reference", "recompute", "triton"])
+def test_module_layernorm_under_autocast(backend):
+    """Under bf16 autocast the module hands the op the layer's mix as it is (bf16 h, fp32 residual stream) with
+    its weights cast to bf16 as autocast casts nn.Linear's: fp32 output, the same values whatever the backend
+    (to bf16 rounding), and gradients for the fp32 master weights."""
+    torch.manual_seed(3)
+    ln = torch.nn.LayerNorm(48)
+    h, t = torch.randn(2, 9, 48).bfloat16().requires_grad_(), torch.randn(2, 9, 48).requires_grad_()
+    outs = {}
+    for be in ("reference", backend):
+        torch.manual_seed(4)
+        ad = effir.BottleneckAdapter(48, reduction_factor=8, activation="gelu", backend=be)
+        with torch.no_grad():
+            ad.up.weight.normal_(0.0, 0.3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ad.forward_layernorm(h, t, ln, original_ln_before=True)
+        assert y.dtype == torch.float32
+        y.square().mean().backward()
+        assert ad.up.weight.grad.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
+        outs[be] = (y.detach(), ad.up.weight.grad)
+    torch.testing.assert_close(outs[backend][0], outs["reference"][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(outs[backend][1], outs["reference"][1], rtol=5e-2, atol=5e-3)
+
+
 def test_autocast_training_step_in_model():
     model = make("bert")
     effir.add_adapters(model, "seq_bn", backend="recompute")

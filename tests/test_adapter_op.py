@@ -259,6 +259,54 @@ def test_triton_tiles(tiles, backend, monkeypatch):
     check_all("ln_pre", make_inputs((157,), 200, 24, seed=17), torch.bfloat16, backend, "silu")
 
 
+def run_mixed(variant, inputs, hdt, backend, act, dy):
+    """The adapter + LayerNorm op on the mix bf16 autocast hands it: h and the adapter parameters in `hdt`, the
+    residual and the LayerNorm in fp32 (hdt float64: everything float64). Output and gradients (NAMES["ln"])."""
+    if backend == "triton-moments":
+        with mock.patch.dict(os.environ, EFFIR_ADAPTER_STATS="moments"):
+            return run_mixed(variant, inputs, hdt, "triton", act, dy)
+    wide = torch.float64 if hdt == torch.float64 else torch.float32
+    leaves = [inputs[n].detach().to(wide if n in ("res", "ln_weight", "ln_bias") else hdt).requires_grad_()
+              for n in NAMES["ln"]]
+    kw = dict(activation=act, scaling=0.7, eps=1e-5, original_ln_before=variant == "ln_pre")
+    y = (effir.bottleneck_adapter_layernorm(*leaves, **kw, backend=backend) if backend
+         else bottleneck_adapter_layernorm_reference(*leaves, **kw))
+    return y, torch.autograd.grad(y, leaves, dy.to(y.dtype))
+
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+@pytest.mark.parametrize("hdt", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", ["ln", "ln_pre"])
+def test_mixed_precision_matches_float64(variant, hdt, backend):
+    """The mix a bf16 autocast step hands a BERT layer's adapter (16-bit h and adapter weights, fp32 residual and
+    LayerNorm): an fp32 output, each gradient in its input's dtype, and errors no worse than torch's own on the
+    same mix (the reference: sums and LayerNorms in fp32, the adapter's products on 16-bit operands). Triton takes
+    the mix as it is; "recompute" widens h and the weights to fp32 first."""
+    p = make_inputs((3, 43), 200, 24, seed=21)
+    dy = torch.randn(3, 43, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    y, grads = run_mixed(variant, p, hdt, backend, "gelu", dy)
+    y64, g64 = run_mixed(variant, p, torch.float64, None, "gelu", dy)
+    yt, gt = run_mixed(variant, p, hdt, None, "gelu", dy)
+    assert y.dtype == torch.float32
+    assert_no_worse_than_torch(f"{backend}/{variant}/mixed {hdt} y", y, y64, yt, hdt)
+    for n, a, b, c in zip(NAMES["ln"], grads, g64, gt):
+        assert a.dtype == c.dtype, n  # dh and the adapter's in hdt, dres and the LayerNorm's in fp32
+        assert_no_worse_than_torch(f"{backend}/{variant}/mixed {hdt} d{n}", a, b, c, hdt)
+
+
+def test_mixed_precision_refuses_other_mixes():
+    """Only autocast's mix (16-bit h, fp32 residual) is taken; the LayerNorm must be in the computation's dtype."""
+    p = {k: v.float() for k, v in make_inputs((4,), 16, 2).items()}
+    bf = torch.bfloat16
+    params = [p[n].to(bf) for n in ("w_down", "b_down", "w_up", "b_up")]
+    with pytest.raises(ValueError, match="input_tensor must have dtype in \\(float32\\)"):
+        effir.bottleneck_adapter_layernorm(p["x"], p["res"].to(bf), *[t.float() for t in params],
+                                           p["ln_weight"], p["ln_bias"])
+    with pytest.raises(ValueError, match="ln_weight must have dtype in \\(float32\\)"):
+        effir.bottleneck_adapter_layernorm(p["x"].to(bf), p["res"], *params, p["ln_weight"].to(bf),
+                                           p["ln_bias"])
+
+
 @pytest.mark.parametrize("backend", ["recompute", "triton"])
 def test_torch_compile_fullgraph(backend):
     """No graph break through either op (Triton: also the seq_bn op that returns z for the backward)."""

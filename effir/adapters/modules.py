@@ -56,15 +56,18 @@ class BottleneckAdapter(nn.Module):
                           original_ln_before: bool = False) -> torch.Tensor:
         """Adapter + residual + `layer_norm` in one op (see effir.bottleneck_adapter_layernorm)."""
         self._check(h, "h")
-        # autocast: the sub-block output may be bf16 while the residual stream is fp32; like torch's
-        # `LayerNorm(h + input_tensor)` (which promotes, and autocasts layer_norm to fp32) compute in the wider
+        # autocast: the sub-block output is bf16 while the residual stream is fp32. That mixed pair goes to the op
+        # as it is (sums and LayerNorms in fp32, as torch's promoting add and fp32 layer_norm; the adapter's
+        # products on 16-bit operands, as autocast runs nn.Linear); other pairs are widened to the wider dtype
         dt = torch.promote_types(h.dtype, input_tensor.dtype)
-        h = h.to(dt)
+        mixed = h.dtype in (torch.float16, torch.bfloat16) and input_tensor.dtype == torch.float32
+        if not mixed:
+            h = h.to(dt)
         w = layer_norm.weight if layer_norm.weight.dtype == dt else layer_norm.weight.to(dt)
         b = layer_norm.bias if layer_norm.bias.dtype == dt else layer_norm.bias.to(dt)
         input_tensor = input_tensor.to(dt)
-        return bottleneck_adapter_layernorm(h, input_tensor, *self._params(dt), w, b, activation=self.activation,
-                                            scaling=self.scaling, eps=layer_norm.eps,
+        return bottleneck_adapter_layernorm(h, input_tensor, *self._params(h.dtype), w, b,
+                                            activation=self.activation, scaling=self.scaling, eps=layer_norm.eps,
                                             original_ln_before=original_ln_before, backend=self.backend)
 
     def _check(self, x, name):

@@ -41,14 +41,15 @@ def _impl(backend: str):
 # import: torch.compile does not trace imports. Other backends are asked through their module's attributes.
 _BUILTIN_EXTRAS = {
     "recompute": {"SUPPORTS_SUMMED_INPUT"},
-    "triton": {"SUPPORTS_SUMMED_INPUT", "adapter_ln_pre_fwd"},
+    "triton": {"SUPPORTS_SUMMED_INPUT", "adapter_ln_pre_fwd", "SUPPORTS_MIXED"},
 }
 
 
 def _offers(backend: str, extra: str) -> bool:
     """Whether `backend` has `extra`: SUPPORTS_SUMMED_INPUT (the Pfeiffer variant may take z = h + t with
-    res=None) or adapter_ln_pre_fwd (its Pfeiffer forward writes z itself, so no add kernel reads h and t and
-    writes z before the op reads z again)."""
+    res=None), adapter_ln_pre_fwd (its Pfeiffer forward writes z itself, so no add kernel reads h and t and
+    writes z before the op reads z again) or SUPPORTS_MIXED (the adapter + LayerNorm op takes a 16-bit h and
+    adapter weights with an fp32 residual and LayerNorm, see `bottleneck_adapter_layernorm`)."""
     if backend in _BUILTIN_EXTRAS:
         return extra in _BUILTIN_EXTRAS[backend]
     return bool(getattr(_impl(backend), extra, False))
@@ -101,9 +102,14 @@ def _ln_fwd(x: Tensor, res: Optional[Tensor], w_down: Tensor, b_down: Tensor, w_
                                          scaling, eps, original_ln_before)
 
 
+def _out_dtype(x: Tensor, res: Optional[Tensor]) -> torch.dtype:
+    """The output dtype of the adapter + LayerNorm op: x's, or the wider of a mixed pair (16-bit x, fp32 res)."""
+    return x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
+
+
 @_ln_fwd.register_fake
 def _(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation, scaling, eps, original_ln_before, backend):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape, dtype=_out_dtype(x, res))
 
 
 @torch.library.custom_op("effir::bottleneck_adapter_ln_bwd", mutates_args=())
@@ -162,7 +168,8 @@ def _ln_pre_fwd(h: Tensor, t: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tens
 
 @_ln_pre_fwd.register_fake
 def _(h, t, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation, scaling, eps, backend):
-    return torch.empty_like(h), torch.empty_like(h)
+    dt = _out_dtype(h, t)
+    return h.new_empty(h.shape, dtype=dt), h.new_empty(h.shape, dtype=dt)
 
 
 def _ln_pre_setup(ctx, inputs, output):
@@ -180,7 +187,7 @@ def _ln_pre_backward(ctx, dy, _dz):
     ln_grads = any(ctx.needs_input_grad[6:8])
     grads = _ln_bwd(dy.contiguous(), z, None, *params, activation, scaling, eps, True, backend, ln_grads)
     dln = grads[6:8] if ln_grads else (None, None)
-    return (grads[0], grads[0], *grads[2:6], *dln, None, None, None, None)  # dh = dt = dz
+    return (grads[0], grads[0], *grads[2:6], *dln, None, None, None, None)  # dh = dt = dz (autograd casts dh)
 
 
 _ln_pre_fwd.register_autograd(_ln_pre_backward, setup_context=_ln_pre_setup)
@@ -238,18 +245,26 @@ def bottleneck_adapter_layernorm(h: Tensor, input_tensor: Tensor, w_down: Tensor
     original_ln_before=True (Pfeiffer / seq_bn): z = h + input_tensor; LN(z + scaling*f(LN(z))), one
     LayerNorm (ln_weight, ln_bias) for both, as AdapterHub reuses the layer's module.
     h, input_tensor: (..., d), same shape; ln_weight, ln_bias: (d,) (frozen or trainable); parameters as in
-    `bottleneck_adapter`. Returns (..., d) in h's dtype. Saves only h and input_tensor (original_ln_before=True:
+    `bottleneck_adapter`. Returns (..., d) in input_tensor's dtype. Saves only h and input_tensor (original_ln_before=True:
     only their sum) and the parameters.
+    Mixed precision, as bf16 autocast hands a BERT layer's tensors: h and the adapter parameters 16-bit,
+    input_tensor (the residual stream) and the LayerNorm parameters fp32. Then the sums and both LayerNorms are
+    fp32 and the adapter's products take 16-bit operands (as autocast runs a linear layer), the output is fp32.
+    Backends without SUPPORTS_MIXED (e.g. "recompute") get h and the adapter parameters widened to fp32.
     """
     d = _check(h, w_down, b_down, w_up, b_up, x_name="h")
-    check_tensor("input_tensor", input_tensor, shape=tuple(h.shape), dtypes=(h.dtype,), device=h.device)
-    check_tensor("ln_weight", ln_weight, shape=(d,), dtypes=(h.dtype,), device=h.device)
-    check_tensor("ln_bias", ln_bias, shape=(d,), dtypes=(h.dtype,), device=h.device)
+    mixed_ok = (h.dtype,) + ((torch.float32,) if h.dtype in (torch.float16, torch.bfloat16) else ())
+    check_tensor("input_tensor", input_tensor, shape=tuple(h.shape), dtypes=mixed_ok, device=h.device)
+    dt = input_tensor.dtype  # the computation's dtype: h's, or fp32 for a mixed pair
+    check_tensor("ln_weight", ln_weight, shape=(d,), dtypes=(dt,), device=h.device)
+    check_tensor("ln_bias", ln_bias, shape=(d,), dtypes=(dt,), device=h.device)
     act = canonical_activation(activation)
     scaling = _scaling(scaling)
     if not isinstance(eps, (int, float)) or eps <= 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    backend = resolve_backend("adapter_ln", backend, h.device, h.dtype)
+    backend = resolve_backend("adapter_ln", backend, h.device, dt)
+    if dt != h.dtype and backend != "reference" and not _offers(backend, "SUPPORTS_MIXED"):
+        h, w_down, b_down, w_up, b_up = (t.to(dt) for t in (h, w_down, b_down, w_up, b_up))
     if backend == "reference":
         return bottleneck_adapter_layernorm_reference(
             h, input_tensor, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation=act, scaling=scaling,

@@ -1,8 +1,8 @@
 """Triton backend of the bottleneck adapter ops (kernels in kernels/bottleneck_adapter.py).
 
 Same four functions and signatures as the other backends (docs/backends.md), plus the optional
-`adapter_ln_pre_fwd`: 2-D (M, d) contiguous inputs of one dtype; backward recomputes the intermediate, fp32
-accumulation, no atomics.
+`adapter_ln_pre_fwd`: 2-D (M, d) contiguous inputs of one dtype, or mixed (SUPPORTS_MIXED: 16-bit x and adapter
+weights, fp32 res and LayerNorm); backward recomputes the intermediate, fp32 accumulation, no atomics.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 SUPPORTS_SUMMED_INPUT = True
 # adapter_ln_bwd accepts ln_param_grads=False (frozen LayerNorm: its two gradients come back as zeros)
 SUPPORTS_LN_GRAD_MASK = True
+# the adapter + LayerNorm ops take a 16-bit x and adapter weights with an fp32 res and LayerNorm (autocast's mix)
+SUPPORTS_MIXED = True
 
 import torch
 
@@ -40,8 +42,9 @@ def adapter_ln_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activ
 
 def adapter_ln_pre_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str, scaling: float,
                        eps: float):
-    """(y, z): the Pfeiffer forward of x + res that also writes z = x + res (in x's dtype) for the backward."""
-    z = torch.empty_like(x)
+    """(y, z): the Pfeiffer forward of x + res that also writes z = x + res (in their wider dtype, as torch's add
+    gives it) for the backward."""
+    z = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, res.dtype), device=x.device)
     y = _k().fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation, scaling, eps,
                                True, True, z_out=z)
     return y, z

@@ -30,8 +30,10 @@ def activate(a: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def adapter_delta(x, w_down, b_down, w_up, b_up, *, activation: str, scaling: float) -> torch.Tensor:
-    """scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up); x (..., d), w_down (r, d), w_up (d, r)."""
-    return scaling * F.linear(activate(F.linear(x, w_down, b_down), activation), w_up, b_up)
+    """scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up); x (..., d), w_down (r, d), w_up (d, r).
+    In the weights' dtype: a wider x (the fp32 LayerNorm output of a mixed-precision layer) is cast to it first,
+    as autocast casts a linear layer's input."""
+    return scaling * F.linear(activate(F.linear(x.to(w_down.dtype), w_down, b_down), activation), w_up, b_up)
 
 
 def bottleneck_adapter_reference(x, w_down, b_down, w_up, b_up, *, activation: str = "relu",
@@ -53,7 +55,9 @@ def bottleneck_adapter_layernorm_reference(h, input_tensor, w_down, b_down, w_up
     original_ln_before=True (seq_bn / Pfeiffer: the layer's LayerNorm runs before the adapter too, and
     the adapter's residual is the un-normalised sum):   z = h + input_tensor;  LN(z + scaling * f(LN(z)))
     Both LayerNorms share ln_weight / ln_bias, as AdapterHub reuses the layer's module.
-    h, input_tensor (..., d); ln_weight, ln_bias (d,). Returns (..., d).
+    h, input_tensor (..., d); ln_weight, ln_bias (d,). Returns (..., d). Mixed precision (as bf16 autocast hands
+    a layer's tensors: h and the adapter weights 16-bit, input_tensor and the LayerNorm fp32): sums and LayerNorms
+    in fp32, the adapter's products in h's dtype (`adapter_delta`); returns fp32.
     """
     d = h.shape[-1]
     kw = dict(activation=activation, scaling=scaling)
