@@ -428,7 +428,7 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
             tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
         # this row block's column sums of the bias / LayerNorm gradients (masked rows add exact zeros):
         # [s*dv | LN weight | LN bias]; the pre-LN's share of the last two is added in the last pass
-        pcol = PCOL + pid.to(tl.int64) * 3 * D + cols
+        pcol = PCOL + pid.to(tl.int64) * (3 * D + R) + cols
         cmask = cols < D
         tl.store(pcol, tl.sum(scaling * dv, axis=0), mask=cmask)
         if LN_GRADS and (PRE_LN or POST_LN):
@@ -473,7 +473,7 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
                 tl.store(DRES + offs, dz.to(DRES.dtype.element_ty), mask=mask)
             tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)  # the dW_down GEMM's operand
             if LN_GRADS:  # u = uhat * w + b, the same LayerNorm: add its share to pass 3's sums
-                pcol = PCOL + pid.to(tl.int64) * 3 * D + cols
+                pcol = PCOL + pid.to(tl.int64) * (3 * D + R) + cols
                 cmask = cols < D
                 tl.store(pcol + D, tl.load(pcol + D, mask=cmask, other=0.0) + tl.sum(du * uhat, axis=0),
                          mask=cmask)
@@ -482,6 +482,9 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
         else:
             tl.store(DX + offs, (dv + du).to(DX.dtype.element_ty), mask=mask)  # Houlsby: dres = dv is stored
     tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
+    # this row block's column sums of da as stored (db_down), after the three d-wide ones
+    tl.store(PCOL + pid.to(tl.int64) * (3 * D + R) + 3 * D + rr,
+             tl.sum(tl.where(rqmask, da.to(DABUF.dtype.element_ty).to(CDT), 0.0), axis=0), mask=qmask)
 
 
 # ---------------------------------------------------------------- EFFIR_ADAPTER_STATS=moments: two passes a row
@@ -636,6 +639,9 @@ def _bwd_moments_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, MOM, DX, DRES, HBU
         e2 = tl.sum(da * (a - bd[None, :] - cb[None, :]), axis=1) / D
     da = da.to(WD.dtype.element_ty)
     tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
+    # this row block's column sums of da as stored (db_down), after the three d-wide ones
+    tl.store(PCOL + pid.to(tl.int64) * (3 * D + R) + 3 * D + rr,
+             tl.sum(tl.where(rqmask, da.to(DABUF.dtype.element_ty).to(CDT), 0.0), axis=0), mask=qmask)
     for k0 in range(0, D, BLOCK_K):
         z, x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
@@ -666,7 +672,7 @@ def _bwd_moments_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, MOM, DX, DRES, HBU
         else:
             tl.store(DX + offs, (dvs + du).to(DX.dtype.element_ty), mask=mask)  # Houlsby: dres = dv is stored
         # this row block's column sums of the bias / LayerNorm gradients: [s*dv | LN weight | LN bias]
-        pcol = PCOL + pid.to(tl.int64) * 3 * D + cols
+        pcol = PCOL + pid.to(tl.int64) * (3 * D + R) + cols
         tl.store(pcol, tl.sum(scaling * dv, axis=0), mask=cmask)
         if LN_GRADS and (PRE_LN or POST_LN):
             tl.store(pcol + D, lw, mask=cmask)
@@ -814,7 +820,8 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
                       scaling: float, eps: float, pre_ln: bool, post_ln: bool, ln_param_grads: bool = True):
     """(dx, dres|None, dw_down, db_down, dw_up, db_up, dln_weight|None, dln_bias|None); all inputs contiguous,
     dtypes as `fused_adapter_fwd` takes them (x, res, dy; dx / dres like x / res).
-    ln_param_grads=False (frozen LayerNorm): the two LayerNorm gradients come back as zeros, unreduced."""
+    ln_param_grads=False (frozen LayerNorm): the two LayerNorm gradients are not computed and come back
+    uninitialised (torch.empty: no kernel fills them; the ops' autograd drops them)."""
     m, d = x.shape
     r = w_down.shape[0]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -843,7 +850,8 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     else:
         dv = dummy  # plain: dv = dy
     u = torch.empty((m, d), dtype=gdt, device=dev) if pre_ln else dummy
-    pcol = torch.empty((n_blocks, 3, d), dtype=cdt, device=dev)
+    # per row block: column sums [s*dv (d) | LN weight (d) | LN bias (d) | da (r)], reduced by one sum below
+    pcol = torch.empty((n_blocks, 3 * d + r), dtype=cdt, device=dev)
     if design == "moments":
         kernel, mom = _bwd_moments_kernel, ((_wu_moments(w_up, b_up, br, x) if post_ln else dummy),)
     else:
@@ -853,30 +861,30 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
         dres if has_res else dummy, hbuf, dabuf, dv, u, pcol, m, d, r, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
         num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, **flags)
-    grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln else None, hbuf, dabuf, pcol, scaling,
-                              ln and ln_param_grads)
-    dw_down, db_down, dw_up, db_up, dlnw, dlnb = grads
-    dw_down, db_down = dw_down.to(w_down.dtype), db_down.to(b_down.dtype)
-    dw_up, db_up = dw_up.to(w_up.dtype), db_up.to(b_up.dtype)
-    if ln:
-        zeros = lambda t: torch.zeros_like(t)  # noqa: E731 (frozen LayerNorm: nothing reduced)
-        dlnw = dlnw.to(ln_weight.dtype) if dlnw is not None else zeros(ln_weight)
-        dlnb = dlnb.to(ln_bias.dtype) if dlnb is not None else zeros(ln_bias)
-    else:
-        dlnw = dlnb = None
+    grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln else None, hbuf, dabuf, pcol, scaling)
+    # the vectors are slices of one sum: each becomes a tensor of its own (outputs must not alias), in the cast
+    # that rounds it to its parameter's dtype anyway
+    dw_down, dw_up = grads[0].to(w_down.dtype), grads[2].to(w_up.dtype)
+    db_down, db_up = grads[1].to(b_down.dtype, copy=True), grads[3].to(b_up.dtype, copy=True)
+    dlnw = dlnb = None
+    if ln and ln_param_grads:
+        dlnw, dlnb = grads[4].to(ln_weight.dtype, copy=True), grads[5].to(ln_bias.dtype, copy=True)
+    elif ln:  # frozen LayerNorm: nothing reduced, and nothing filled either (no kernel launch)
+        dlnw, dlnb = torch.empty_like(ln_weight), torch.empty_like(ln_bias)
     return dx, dres, dw_down, db_down, dw_up, db_up, dlnw, dlnb
 
 
-def _param_grads_gemm(dv, x, u, hbuf, dabuf, pcol, scaling: float, ln_grads: bool):
-    """(dW_down, db_down, dW_up, db_up, dln_w|None, dln_b|None) from the row kernel's outputs: dv (M, d) the
-    gradient reaching v (plain: dy; Houlsby: dres), u (M, d) = LN(z) (None: u = x), h / da (M, r) in hbuf /
-    dabuf (input dtype), pcol (blocks, 3, d) column sums [s*dv, LN weight, LN bias]. dW_up = s (dvᵀ h),
-    dW_down = daᵀ u: 16-bit GEMM operands as in torch's own bf16 autograd, fp32 accumulation and results (one
-    rounding, to the parameters' dtype, by the caller); fp32 / fp64 exact. Block sums in a fixed order."""
-    dw_up = mm_unrounded(dv.t(), hbuf).mul_(scaling)  # fp32 (fp64) results, rounded once to the parameters' dtype
+def _param_grads_gemm(dv, x, u, hbuf, dabuf, pcol, scaling: float):
+    """(dW_down, db_down, dW_up, db_up, dln_w, dln_b) from the row kernel's outputs: dv (M, d) the gradient
+    reaching v (plain: dy; Houlsby: dres), u (M, d) = LN(z) (None: u = x), h / da (M, r) in hbuf / dabuf (the
+    weights' dtype), pcol (blocks, 3d + r) column sums [s*dv | LN weight | LN bias | da] (the LayerNorm's are
+    garbage when the kernel skipped them). dW_up = s (dvᵀ h), dW_down = daᵀ u: 16-bit GEMM operands as in torch's
+    own bf16 autograd, fp32 accumulation and results (one rounding, to the parameters' dtype, by the caller);
+    fp32 / fp64 exact. Block sums in a fixed order, all four in one reduction."""
+    dw_up = mm_unrounded(dv.t(), hbuf)  # fp32 (fp64) results, rounded once to the parameters' dtype
+    if scaling != 1.0:
+        dw_up.mul_(scaling)
     dw_down = mm_unrounded(dabuf.t(), u if u is not None else x)
-    db_up = pcol[:, 0].sum(0)
-    db_down = dabuf.sum(0, dtype=pcol.dtype)
-    dlnw = pcol[:, 1].sum(0) if ln_grads else None
-    dlnb = pcol[:, 2].sum(0) if ln_grads else None
-    return dw_down, db_down, dw_up, db_up, dlnw, dlnb
+    d = dv.shape[1]
+    sums = pcol.sum(0)
+    return dw_down, sums[3 * d:], dw_up, sums[:d], sums[d:2 * d], sums[2 * d:3 * d]

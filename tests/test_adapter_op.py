@@ -331,6 +331,28 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("original_ln_before", [False, True])
+def test_torch_compile_fullgraph_mixed(original_ln_before):
+    """The mixed pair (bf16 h, fp32 residual) through torch.compile: the ops' fake kernels give the fp32 output
+    (and Pfeiffer's fp32 z) the Triton kernels write, so the graph neither breaks nor mis-types."""
+    p = make_inputs((2, 5), 48, 3, seed=8)
+    h, t = p["x"].bfloat16().requires_grad_(), p["res"].float().requires_grad_()
+    ws = [p[n].bfloat16() for n in ("w_down", "b_down", "w_up", "b_up")] + [p["ln_weight"].float(),
+                                                                            p["ln_bias"].float()]
+    kw = dict(activation="relu", original_ln_before=original_ln_before)
+
+    def f(h, t):
+        return effir.bottleneck_adapter_layernorm(h, t, *ws, backend="triton", **kw)
+
+    y = torch.compile(f, fullgraph=True)(h, t)
+    dh, dt = torch.autograd.grad(y.square().sum(), (h, t))
+    assert y.dtype == dt.dtype == torch.float32 and dh.dtype == torch.bfloat16
+    y1 = f(h, t)
+    dh1, dt1 = torch.autograd.grad(y1.square().sum(), (h, t))
+    for a, b in ((y, y1), (dh, dh1), (dt, dt1)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_bad_inputs_raise_value_errors():
     p = make_inputs((3,), 16, 4)
     x, wd, bd, wu, bu = (p[n].float() for n in NAMES["plain"])

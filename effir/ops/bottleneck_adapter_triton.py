@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # original_ln_before=True may be called with res=None and x = h + input_tensor (the op then saves only z)
 SUPPORTS_SUMMED_INPUT = True
-# adapter_ln_bwd accepts ln_param_grads=False (frozen LayerNorm: its two gradients come back as zeros)
+# adapter_ln_bwd accepts ln_param_grads=False (frozen LayerNorm: its two gradients come back uninitialised)
 SUPPORTS_LN_GRAD_MASK = True
 # the adapter + LayerNorm ops take a 16-bit x and adapter weights with an fp32 res and LayerNorm (autocast's mix)
 SUPPORTS_MIXED = True
