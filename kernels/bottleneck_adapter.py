@@ -15,14 +15,17 @@ shared-memory operands are (BLOCK_K, BLOCK_R) weight chunks whatever d is. Layer
 (per-chunk mean and centred sum of squares, merged by Chan's rule: as stable as two passes), in fp32 (fp64).
 Pfeiffer with a residual: z = x + res is rounded to the input dtype (as torch's add) and, for a backward, written
 in the first pass (WRITE_Z), so the backward reads z alone and no separate add kernel runs.
+Mixed precision (autocast's mix): 16-bit x and weights with an fp32 res and LayerNorm: the dots follow the
+weights' dtype (tensor cores), everything else fp32, z and y fp32.
 Backward, no atomics, deterministic:
   1. `_bwd_rows_kernel` (one program per BLOCK_M rows) recomputes the forward the same way and writes dx (and
-     dres) and the r-wide act(a) and d(a) rows (input dtype, small side buffers). Passes over the row block
+     dres) and the r-wide act(a) and d(a) rows (weights' dtype, small side buffers). Passes over the row block
      (Pfeiffer): LN-1 statistics with a (`_recompute_h`); LN-2 statistics with the LN-2 backward's row means
      (`_post_stats_bwd`); dh = s*dv Wu, which also stores dv (Houlsby: as dres, an output; else to a scratch);
      dx from the stored dv (no recompute of v). The LN-1 backward's row means come from a and da without a
      pass: 4 passes (9 in the version the first H100 run timed; the forward: 3 instead of 6).
-     It also writes u = LN(z) (Pfeiffer) and per-row-block column sums of the bias and LayerNorm gradients.
+     It also writes u = LN(z) (Pfeiffer) and per-row-block column sums of the bias and LayerNorm gradients
+     (da's too), all reduced by one sum.
   2. dW_up = s (dvᵀ h) and dW_down = daᵀ u as two GEMMs (cuBLAS) over what the row kernel wrote, the block sums
      reduced in a fixed order. A parameter-gradient kernel that re-read x and dy per d-chunk and reduced in
      registers, one partial per row split (EFFIR_ADAPTER_PARAMS=kernel), was measured slower on the H100 (run 3,

@@ -221,8 +221,8 @@ def _tile_of(env: dict, kernel: str) -> str:
 
 def _time_one(variant, name, f, env, leaves, p, hub, m, d, r, quick, copy_bps, breakdown=False, saved=True):
     """One timing row: forward + backward of `f` under the env knobs `env`, wall and GPU milliseconds (a CUDA
-    graph replay, or `queued_ms` where the step will not capture), bytes/s against the minimal bytes; `breakdown`: also the per-kernel GPU time (fwd_us / bwd_us: the fused
-    forward and row-gradient kernels)."""
+    graph replay, or `queued_ms` where the step will not capture), bytes/s against the minimal bytes;
+    `breakdown`: also the per-kernel GPU time (fwd_us / bwd_us: the fused forward and row-gradient kernels)."""
     grad_of = [leaves["h"], leaves["t"]] + (hub[1] if name == "adapterhub" else
                                              [leaves[k] for k in ("w_down", "b_down", "w_up", "b_up")])
     if variant == "plain":

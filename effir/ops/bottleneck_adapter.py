@@ -245,8 +245,8 @@ def bottleneck_adapter_layernorm(h: Tensor, input_tensor: Tensor, w_down: Tensor
     original_ln_before=True (Pfeiffer / seq_bn): z = h + input_tensor; LN(z + scaling*f(LN(z))), one
     LayerNorm (ln_weight, ln_bias) for both, as AdapterHub reuses the layer's module.
     h, input_tensor: (..., d), same shape; ln_weight, ln_bias: (d,) (frozen or trainable); parameters as in
-    `bottleneck_adapter`. Returns (..., d) in input_tensor's dtype. Saves only h and input_tensor (original_ln_before=True:
-    only their sum) and the parameters.
+    `bottleneck_adapter`. Returns (..., d) in input_tensor's dtype. Saves only h and input_tensor
+    (original_ln_before=True: only their sum) and the parameters.
     Mixed precision, as bf16 autocast hands a BERT layer's tensors: h and the adapter parameters 16-bit,
     input_tensor (the residual stream) and the LayerNorm parameters fp32. Then the sums and both LayerNorms are
     fp32 and the adapter's products take 16-bit operands (as autocast runs a linear layer), the output is fp32.
