@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "(default auto: bf16 on GPU, fp32 on CPU)")
     o.add_argument("--loss-backend", choices=("auto", "reference", "chunked", "triton", "cuda"),
                    help="InfoNCE backend (default auto)")
+    o.add_argument("--adapter-backend", choices=("auto", "reference", "recompute", "triton", "cuda"),
+                   help="the adapters' fused op (default auto: the measured choice for the device and precision; "
+                        "triton: the fused kernels, also under bf16 autocast)")
     o.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     o.add_argument("--seed", type=int, help="seed of data order, initialisation and dropout (default 0)")
     e = p.add_argument_group("evaluation")

@@ -1,8 +1,10 @@
-"""`python -m effir.train` options: config files (JSON, TOML), flag precedence, validation. No model loaded."""
+"""`python -m effir.train` options: config files (JSON, TOML), flag precedence, validation (one tiny random
+encoder for --adapter-backend, no model loaded otherwise)."""
 import json
 
 import pytest
 
+import effir
 from effir.train import config_from_args, main
 from effir.training.config import TrainConfig
 from effir.training.loop import linear_warmup_decay, param_groups, resolve_precision
@@ -63,6 +65,8 @@ def test_config_file_errors(tmp_path):
     ({"init_adapters": ".", "adapters": "none"}, "--init-adapters .* --adapters none"),
     ({"init_adapters": ".", "reduction_factor": 8.0}, "--reduction-factor cannot change"),
     ({"init_adapters": "/nonexistent/adapter"}, "--init-adapters: not a directory"),
+    ({"adapter_backend": "fastest"}, "--adapter-backend must be one of"),
+    ({"adapter_backend": "triton", "adapters": "none"}, "--adapter-backend .* --adapters none"),
 ])
 def test_validation_names_the_option(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -114,3 +118,17 @@ def test_no_unpad_flag_reaches_the_config():
     assert TrainConfig().unpad is True
     args = build_parser().parse_args(["--no-unpad"])
     assert args.unpad is False
+
+
+def test_adapter_backend_reaches_the_adapters():
+    """--adapter-backend sets the backend of every adapter module the run adds (here: the fused Triton op)."""
+    from effir.encoders import random_encoder
+    from effir.train import build_parser
+    from effir.training.runner import attach_adapters
+
+    assert build_parser().parse_args(["--adapter-backend", "triton"]).adapter_backend == "triton"
+    enc = random_encoder("labse", seed=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)
+    attach_adapters(TrainConfig().replace(adapter_backend="triton").validate(), enc)
+    mods = [m for m in enc.model.modules() if isinstance(m, effir.BottleneckAdapter)]
+    assert mods and all(m.backend == "triton" for m in mods)

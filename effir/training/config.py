@@ -63,6 +63,8 @@ class TrainConfig:
     epochs: float | None = None
     precision: str = "auto"  # auto: bf16 on a GPU that supports it, fp32 on CPU
     loss_backend: str = "auto"
+    # the adapters' fused op (effir.backends): auto = the measured choice per device and dtype mix
+    adapter_backend: str = "auto"
     device: str | None = None  # None: cuda if available, else cpu
     seed: int = 0
     # evaluation
@@ -179,6 +181,14 @@ class TrainConfig:
                                  "config sets the architecture)")
             if not Path(self.init_adapters).is_dir():
                 raise ValueError(f"--init-adapters: not a directory: {self.init_adapters}")
+        from effir.backends import ADAPTER_BACKENDS
+
+        if self.adapter_backend not in ADAPTER_BACKENDS + ("auto",):
+            raise ValueError(f"--adapter-backend must be one of {', '.join(('auto',) + ADAPTER_BACKENDS)}, got "
+                             f"{self.adapter_backend!r}")
+        if self.adapter_backend != "auto" and not self.train_adapters:
+            raise ValueError("--adapter-backend picks the adapters' op; it cannot go with --adapters none (full "
+                             "fine-tuning)")
         if self.resume and not self.output_dir:
             raise ValueError("--resume needs --output-dir (the run folder holding checkpoint/)")
         return self

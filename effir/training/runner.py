@@ -139,12 +139,12 @@ def attach_adapters(cfg: TrainConfig, encoder) -> None:
     if cfg.train_adapters and cfg.init_adapters is not None:
         from effir import load_adapters
 
-        load_adapters(encoder.model, cfg.init_adapters)  # active and trainable, the backbone frozen
+        load_adapters(encoder.model, cfg.init_adapters, backend=cfg.adapter_backend)  # active, trainable
     elif cfg.train_adapters:
         from effir import add_adapters
 
         kwargs = {} if cfg.reduction_factor is None else {"reduction_factor": cfg.reduction_factor}
-        add_adapters(encoder.model, config=cfg.adapters, **kwargs)
+        add_adapters(encoder.model, config=cfg.adapters, backend=cfg.adapter_backend, **kwargs)
     else:
         # BERT's pooler never reaches the embedding (mean/CLS pooling of the last hidden states); keeping it
         # frozen also keeps DDP from waiting for gradients that never come
