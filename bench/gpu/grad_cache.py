@@ -14,7 +14,9 @@ On a tiny random BERT with seq_bn adapters, 24 query / passage pairs, chunks of 
 Then the cost it trades (`timing`): one train step (forward + backward, bf16 autocast, fp32 weights, seq_bn
 adapters, fused InfoNCE) of an xlm-roberta-base-shaped encoder with RANDOM weights on a batch of random token ids
 (pairs of 16-64-token queries and passages), whole batch vs GradCache chunks: median ms (CUDA events), tokens/s
-and the allocator's peak above the weights. About 20 s.
+and the allocator's peak above the weights; the whole batch also with the adapters on the fused Triton op
+(`--adapter-backend triton`: autocast's mix, bf16 h and fp32 residual stream) in both statistics designs
+(EFFIR_ADAPTER_STATS), against `auto`. About 40 s with the Triton compiles.
 """
 from __future__ import annotations
 
@@ -148,7 +150,7 @@ def _timing(dev, pairs: int, minis, reps: int = 3) -> dict:
     from effir.encoders import random_encoder
     from effir.grad_cache import dual_encoder_backward
 
-    from bench.gpu._timing import median_ms
+    from bench.gpu._timing import env_vars, median_ms
 
     enc = random_encoder("xlm-roberta-base", tokenizer=None, device=dev)
     effir.add_adapters(enc.model, "seq_bn")
@@ -164,7 +166,16 @@ def _timing(dev, pairs: int, minis, reps: int = 3) -> dict:
     tokens = int(q["attention_mask"].sum() + p["attention_mask"].sum())
     base = torch.cuda.memory_allocated(dev)
     rows = []
-    for mini in minis:
+    adapters = [m for m in enc.model.modules() if isinstance(m, effir.BottleneckAdapter)]
+    # the whole batch also with the adapters on the fused Triton op: autocast's mix (bf16 h, fp32 residual stream)
+    # in both statistics designs, against `auto` (plain autograd for that mix until this is measured)
+    runs = [(mini, "auto", {}) for mini in minis]
+    if None in minis:
+        runs += [(None, "triton", {}), (None, "triton", {"EFFIR_ADAPTER_STATS": "moments"})]
+    for mini, adapter_backend, env in runs:
+        for m in adapters:
+            m.backend = adapter_backend
+
         def step():
             for x in params:
                 x.grad = None
@@ -175,15 +186,17 @@ def _timing(dev, pairs: int, minis, reps: int = 3) -> dict:
             else:
                 dual_encoder_backward(enc, loss_fn, q, p, groups, mini, dev, autocast=amp)
 
+        row = {"mini_batch_size": mini, "adapter_backend": adapter_backend, "env": env}
         try:
-            step()  # warm-up (Triton compiles)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(dev)
-            ms = median_ms(step, warmup=0, reps=reps)
-            rows.append({"mini_batch_size": mini, "ms": ms, "tokens_per_s": tokens / ms * 1e3,
-                         "peak_gib_above_weights": (torch.cuda.max_memory_allocated(dev) - base) / 2**30})
+            with env_vars(**env):
+                step()  # warm-up (Triton compiles)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(dev)
+                ms = median_ms(step, warmup=0, reps=reps)
+            rows.append(row | {"ms": ms, "tokens_per_s": tokens / ms * 1e3,
+                               "peak_gib_above_weights": (torch.cuda.max_memory_allocated(dev) - base) / 2**30})
         except torch.cuda.OutOfMemoryError as exc:
-            rows.append({"mini_batch_size": mini, "error": f"out of memory: {exc}"[:200]})
+            rows.append(row | {"error": f"out of memory: {exc}"[:200]})
         torch.cuda.empty_cache()
     return {"encoder": "xlm-roberta-base shape, random weights, seq_bn adapters, bf16 autocast", "pairs": pairs,
             "tokens": tokens, "rows": rows}
