@@ -55,37 +55,47 @@ def forward(q, docs, temperature, query_groups, doc_groups, pos_offset: int, sym
     c = _chunk(B, N, chunk)
     m = torch.full((B,), _FLOOR, dtype=cdt, device=q.device)
     l = torch.zeros(B, dtype=cdt, device=q.device)
-    w = torch.zeros(B, dtype=cdt, device=q.device)  # running sum of exp * logit -> softmax-weighted mean
+    # running sum of exp(x - m) * (m - x) over the row: E_P[m - x] = w / l, a sum of non-negative terms, so
+    # pos - E_P[x] = (pos - m) + w / l does not cancel when the positive holds the max (a confident row, whose
+    # gradient is tiny): the form pos - E_P[x] would lose it to the rounding of E_P[x] near pos
+    w = torch.zeros(B, dtype=cdt, device=q.device)
     pos = torch.zeros(B, dtype=cdt, device=q.device)  # the positive's logit
     if symmetric:
         lse_c = torch.empty(B, dtype=cdt, device=q.device)
-        mean_c = torch.empty(B, dtype=cdt, device=q.device)
+        max_c = torch.empty(B, dtype=cdt, device=q.device)
+        gap_c = torch.empty(B, dtype=cdt, device=q.device)  # E_P[max_c - x] per column, as w / l per row
     for c0 in range(0, N, c):
         c1 = min(N, c0 + c)
         x, rows = _block(qc, docs, c0, c1, cdt, inv_t, query_groups, doc_groups, pos_offset)
         pos[rows] = x[rows, rows + pos_offset - c0]
         if symmetric and c0 < B:  # whole columns of the B x B block are in this chunk
             cb = min(c1, B) - c0
-            lc = torch.logsumexp(x[:, :cb], dim=0)
+            xc = x[:, :cb]
+            lc = torch.logsumexp(xc, dim=0)
             lse_c[c0:c0 + cb] = lc
-            ec = torch.exp(x[:, :cb] - lc[None, :])
-            mean_c[c0:c0 + cb] = torch.einsum("ij,ij->j", ec, torch.nan_to_num(x[:, :cb], neginf=0.0))
-            del ec
+            mc = xc.amax(dim=0)  # finite: the positive is never masked
+            max_c[c0:c0 + cb] = mc
+            ec = torch.exp(xc - lc[None, :])
+            gap_c[c0:c0 + cb] = torch.einsum("ij,ij->j", ec, torch.nan_to_num(mc[None, :] - xc, posinf=0.0))
+            del ec, xc
         m_new = torch.maximum(m, x.amax(dim=1))
         alpha = torch.exp(m - m_new)
-        xm = torch.nan_to_num(x, neginf=0.0) if query_groups is not None else x  # masked: e = 0, 0 * 0
         e = torch.sub(x, m_new[:, None]).exp_()
+        gap = torch.sub(m_new[:, None], x)
+        if query_groups is not None:
+            gap = torch.nan_to_num(gap, posinf=0.0)  # masked: e = 0, 0 * 0
+        # w moves to the new max: sum e (m_new - x) = alpha (w + (m_new - m) l) + this block's terms
+        w = alpha * (w + (m_new - m) * l) + torch.einsum("ij,ij->i", e, gap)
         l = l * alpha + e.sum(dim=1)
-        w = w * alpha + torch.einsum("ij,ij->i", e, xm)
         m = m_new
-        del x, e, xm
+        del x, e, gap
     lse = m + torch.log(l)
     # d loss / d t = (s_pos - E_P[s]) / t^2 = (pos - E_P[x]) / t in logit units
-    loss, lses, dldt = [lse - pos], [lse], [(pos - w / l) / t]
+    loss, lses, dldt = [lse - pos], [lse], [((pos - m) + w / l) / t]
     if symmetric:
         loss.append(lse_c - pos)
         lses.append(lse_c)
-        dldt.append((pos - mean_c) / t)
+        dldt.append(((pos - max_c) + gap_c) / t)
     return torch.stack(loss), torch.stack(lses), torch.stack(dldt)
 
 
