@@ -62,6 +62,7 @@ QUICK = {
     ("bottleneck_adapter._bwd_moments_kernel", "bf16 d=768 r=48 relu pfeiffer"),
     ("bottleneck_adapter._bwd_moments_kernel", "bf16 d=768 r=48 gelu plain"),
     ("bottleneck_adapter._wu_moments_kernel", "bf16 d=768 r=48 pfeiffer"),
+    ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 relu pfeiffer mixed"),
     ("bottleneck_adapter._fwd_kernel", "fp32 d=384 r=24 relu plain"),
     ("bottleneck_adapter._bwd_rows_kernel", "fp64 d=768 r=48 gelu pfeiffer"),
 }

@@ -743,6 +743,10 @@ def _tile_cached(kernel: str, d: int, r: int, dtype: torch.dtype, design: str, e
 # 32x32 on 8 warps, its 32x64 spills 16-28 B at r = 24), swept with others by bench/gpu/adapter.py.
 _TILE_16BIT = {"passes": {"fwd": (32, 128, 4), "bwd": (64, 64, 4)},
                "moments": {"fwd": (32, 64, 4), "bwd": (32, 32, 8)}}
+# Autocast's mix (untimed): the row backward reads fp32 z and dy, and the three-pass kernel's 64x64 tile then
+# spills 616 B per thread on sm_90; 32x32 on 8 warps does not (bench/results/triton_aot_sm90.json, "mixed")
+_TILE_16BIT["passes_mixed"] = {"bwd": (32, 32, 8)}
+_TILE_16BIT["moments_mixed"] = _TILE_16BIT["moments"]
 
 
 def _stages(*tensors: torch.Tensor) -> int:
@@ -830,7 +834,9 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     dev = x.device
     design = stats_design()
-    bm, bk, br, warps = _tile("bwd", d, r, w_down.dtype, design)
+    # autocast's mix (fp32 z and dy, 16-bit weights) has fp32 tiles in the registers: its own defaults
+    mixed = any(t is not None and t.dtype != w_down.dtype for t in (x, res, dy))
+    bm, bk, br, warps = _tile("bwd", d, r, w_down.dtype, design + ("_mixed" if mixed else ""))
     dx = torch.empty_like(x)
     dres = torch.empty_like(res) if res is not None else None
     # act(a), d(a), u = LN(z) and dv (the weight-gradient GEMMs' operands) in the weights' dtype: what the

@@ -48,6 +48,7 @@ def test_adapter_tile_defaults_per_design(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert adapter._tile("bwd", 768, 48, torch.bfloat16, "moments") == (32, 32, 64, 8)
     assert adapter._tile("fwd", 768, 48, torch.bfloat16, "moments") == (32, 64, 64, 4)
+    assert adapter._tile("bwd", 768, 48, torch.bfloat16, "passes_mixed") == (32, 32, 64, 8)  # autocast's mix
     monkeypatch.setenv("EFFIR_ADAPTER_BWD_TILE", "16x128x4")
     assert adapter._tile("bwd", 768, 48, torch.bfloat16, "moments") == (16, 128, 64, 4)
     assert adapter._tile("bwd", 768, 48, torch.bfloat16, "passes") == (16, 128, 64, 4)
