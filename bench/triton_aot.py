@@ -58,7 +58,7 @@ QUICK = {
     ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 gelu houlsby"),
     ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 relu pfeiffer h+t writes z"),
     ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 relu pfeiffer"),
-    ("bottleneck_adapter._fwd_moments_kernel", "bf16 d=768 r=48 relu pfeiffer h+t writes z"),
+    ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 relu pfeiffer h+t moments writes z"),
     ("bottleneck_adapter._bwd_moments_kernel", "bf16 d=768 r=48 relu pfeiffer"),
     ("bottleneck_adapter._bwd_moments_kernel", "bf16 d=768 r=48 gelu plain"),
     ("bottleneck_adapter._wu_moments_kernel", "bf16 d=768 r=48 pfeiffer"),
@@ -314,7 +314,7 @@ def adapter_launches(mod) -> list[Launch]:
                     lay = (_LAYOUTS[(c["HAS_RES"], c["PRE_LN"], c["POST_LN"])] if "HAS_RES" in c
                            else layout)
                     legacy = " writes z" if c.get("WRITE_Z") else ""
-                    lay += " mixed" if mixed else ""
+                    lay += (" mixed" if mixed else "") + (" moments" if c.get("MOMENTS") else "")
                     ln.variant = f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} {lay}{legacy}"
                     ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
                     out.append(ln)

@@ -318,37 +318,44 @@ def _scalars(SC, scaling, eps, CDT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, Y, Z, M, D, R, SC, scaling, eps,
+def _fwd_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, MOM, Y, Z, M, D, R, SC, scaling, eps,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                 HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                CDT: tl.constexpr, WRITE_Z: tl.constexpr):
+                CDT: tl.constexpr, WRITE_Z: tl.constexpr, MOMENTS: tl.constexpr):
+    """MOMENTS (EFFIR_ADAPTER_STATS=moments, POST_LN only; MOM: `_wu_moments_kernel`'s output): v's statistics
+    from the first pass's sums (`_v_moments`), two passes; else from a pass of their own (`_post_stats`), three."""
     scaling, eps = _scalars(SC, scaling, eps, CDT)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     rmask = rows < M
-    _a, h, _m1, _r1 = _recompute_h(X, RES, WD, BD, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
-                                   BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, WRITE_Z)
+    _a, h, _m1, _r1, mz, m2z, c, q, qb, _gw, _sgz, _gs, _gb = _recompute_h_sums(
+        X, RES, X, WD, BD, WU, BU, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K, BLOCK_R, ACT,
+        HAS_RES, PRE_LN, POST_LN, CDT, IEEE, WRITE_Z, MOMENTS, False)
     h = h.to(WU.dtype.element_ty)  # as every up-projection dot takes it
+    mean2 = tl.zeros((BLOCK_M,), dtype=CDT)
+    rstd2 = mean2
+    if MOMENTS:
+        mean2, rstd2, _zwu, _hg, _mp = _v_moments(h, mz, m2z, c, q, qb, MOM, rr, D, scaling, eps, BLOCK_R, CDT,
+                                                   IEEE)
     if WRITE_Z:
         # the other passes read the z this program just wrote: one tensor instead of x and res (other threads
         # wrote parts of it, hence the barrier)
         tl.debug_barrier()
-        _fwd_out(Z, Z, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M, BLOCK_K, False,
-                 PRE_LN, POST_LN, CDT, IEEE)
+        _fwd_out(Z, Z, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, mean2, rstd2, BLOCK_M, BLOCK_K,
+                 False, PRE_LN, POST_LN, CDT, IEEE, POST_LN and not MOMENTS)
     else:
-        _fwd_out(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M, BLOCK_K, HAS_RES,
-                 PRE_LN, POST_LN, CDT, IEEE)
+        _fwd_out(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, mean2, rstd2, BLOCK_M,
+                 BLOCK_K, HAS_RES, PRE_LN, POST_LN, CDT, IEEE, POST_LN and not MOMENTS)
 
 
 @triton.jit
-def _fwd_out(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M: tl.constexpr,
-             BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr,
-             CDT: tl.constexpr, IEEE: tl.constexpr):
-    """The forward after the pre-activation: the post-LayerNorm statistics of v = z + s*p (one pass), then y."""
-    mean2 = tl.zeros((BLOCK_M,), dtype=CDT)
-    rstd2 = mean2
-    if POST_LN:
+def _fwd_out(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, mean2, rstd2,
+             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, PRE_LN: tl.constexpr,
+             POST_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr, STATS: tl.constexpr):
+    """The forward after the pre-activation: with STATS the post-LayerNorm statistics of v = z + s*p (one pass,
+    replacing mean2 / rstd2), then y."""
+    if STATS:
         mean2, rstd2 = _post_stats(X, RES, WU, BU, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M, BLOCK_K,
                                    HAS_RES, PRE_LN, CDT, IEEE)
     _write_y(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, mean2, rstd2, BLOCK_K, HAS_RES,
@@ -568,31 +575,6 @@ def _v_moments(h, mean_z, m2_z, shift, q, qb, MOM, rr, D, scaling, eps, BLOCK_R:
 
 
 @triton.jit
-def _fwd_moments_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, MOM, Y, Z, M, D, R, SC, scaling, eps,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
-                        HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                        CDT: tl.constexpr, WRITE_Z: tl.constexpr):
-    """The post-LayerNorm forward in two passes over the row block: a and v's sums, then y."""
-    scaling, eps = _scalars(SC, scaling, eps, CDT)
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.arange(0, BLOCK_R)
-    rmask = rows < M
-    _a, h, _m1, _r1, mz, m2z, c, q, qb, _gw, _sgz, _gs, _gb = _recompute_h_sums(
-        X, RES, X, WD, BD, WU, BU, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K, BLOCK_R, ACT,
-        HAS_RES, PRE_LN, POST_LN, CDT, IEEE, WRITE_Z, True, False)
-    h = h.to(WU.dtype.element_ty)  # as every up-projection dot takes it
-    mean2, rstd2, _zwu, _hg, _mp = _v_moments(h, mz, m2z, c, q, qb, MOM, rr, D, scaling, eps, BLOCK_R, CDT, IEEE)
-    if WRITE_Z:
-        tl.debug_barrier()  # the y pass reads the z this program just wrote (see `_fwd_kernel`)
-        _write_y(Z, Z, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, mean2, rstd2, BLOCK_K, False,
-                 PRE_LN, POST_LN, CDT, IEEE)
-    else:
-        _write_y(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, mean2, rstd2, BLOCK_K, HAS_RES,
-                 PRE_LN, POST_LN, CDT, IEEE)
-
-
-@triton.jit
 def _bwd_moments_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, MOM, DX, DRES, HBUF, DABUF, DV, U, PCOL,
                         M, D, R, SC, scaling, eps,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
@@ -796,12 +778,13 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
     dummy = x  # never read when the flag is off
     lnw = ln_weight if ln_weight is not None else dummy
     lnb = ln_bias if ln_bias is not None else dummy
-    kernel, mom = (_fwd_moments_kernel, (_wu_moments(w_up, b_up, br, x),)) if moments else (_fwd_kernel, ())
-    kernel[(triton.cdiv(m, bm),)](
-        x, res if res is not None else dummy, w_down, b_down, w_up, b_up, lnw, lnb, *mom, y,
+    mom = _wu_moments(w_up, b_up, br, x) if moments else dummy
+    _fwd_kernel[(triton.cdiv(m, bm),)](
+        x, res if res is not None else dummy, w_down, b_down, w_up, b_up, lnw, lnb, mom, y,
         z_out if z_out is not None else dummy, m, d, r, *_scalar_args(x, scaling, eps), BLOCK_M=bm, BLOCK_K=bk,
         BLOCK_R=br, ACT=ACT_IDS[activation], HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln,
-        num_warps=warps, num_stages=_stages(x, res), WRITE_Z=z_out is not None, **_flags(x, w_down))
+        num_warps=warps, num_stages=_stages(x, res), WRITE_Z=z_out is not None, MOMENTS=moments,
+        **_flags(x, w_down))
     return y
 
 

@@ -261,7 +261,7 @@ def _time_one(variant, name, f, env, leaves, p, hub, m, d, r, quick, copy_bps, b
         if breakdown:
             try:  # where the fused op's GPU time goes
                 row["kernels"] = kernel_breakdown(step)
-                names = {"fwd_us": ("_fwd_kernel", "_fwd_moments_kernel"),
+                names = {"fwd_us": ("_fwd_kernel",),
                          "bwd_us": ("_bwd_rows_kernel", "_bwd_moments_kernel")}
                 for key, kernels in names.items():
                     row[key] = sum(k["us_per_step"] for k in row["kernels"] if any(n in k["name"] for n in kernels))
