@@ -409,7 +409,7 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
     a, h, mean1, rstd1 = _recompute_h(X, RES, WD, BD, LNW, LNB, X, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
                                       BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, False)
     # act(a) in the weights' dtype, as every up-projection dot takes it: half the registers of fp32 at 16 bits.
-    # Stored now (a GEMM operand, in the input dtype): a store after the last pass keeps h live through it
+    # Stored now (a GEMM operand, in the weights' dtype): a store after the last pass keeps h live through it
     # (more spills), one after pass 3 made ptxas serialise the wgmma (C7515; bench/triton_aot.py). With this
     # order only the relu Pfeiffer variant spills on sm_90, 24 B
     h = h.to(WU.dtype.element_ty)
