@@ -58,10 +58,6 @@ QUICK = {
     ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 gelu houlsby"),
     ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 relu pfeiffer h+t writes z"),
     ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 relu pfeiffer"),
-    ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 relu pfeiffer h+t moments writes z"),
-    ("bottleneck_adapter._bwd_moments_kernel", "bf16 d=768 r=48 relu pfeiffer"),
-    ("bottleneck_adapter._bwd_moments_kernel", "bf16 d=768 r=48 gelu plain"),
-    ("bottleneck_adapter._wu_moments_kernel", "bf16 d=768 r=48 pfeiffer"),
     ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 relu pfeiffer mixed"),
     ("bottleneck_adapter._fwd_kernel", "fp32 d=384 r=24 relu plain"),
     ("bottleneck_adapter._bwd_rows_kernel", "fp64 d=768 r=48 gelu pfeiffer"),
@@ -291,12 +287,6 @@ def adapter_launches(mod) -> list[Launch]:
         lnw, lnb = (torch.empty(d, **wide), torch.empty(d, **wide)) if post else (None, None)
 
         def call():
-            # both designs of the statistics (EFFIR_ADAPTER_STATS): their kernels differ
-            for design in ("passes", "moments"):
-                with mock.patch.dict(os.environ, EFFIR_ADAPTER_STATS=design):
-                    one_design()
-
-        def one_design():
             if has_res and pre:  # Pfeiffer fed h and t: training writes z, inference does not
                 mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post,
                                       z_out=torch.empty_like(res))
@@ -314,7 +304,7 @@ def adapter_launches(mod) -> list[Launch]:
                     lay = (_LAYOUTS[(c["HAS_RES"], c["PRE_LN"], c["POST_LN"])] if "HAS_RES" in c
                            else layout)
                     legacy = " writes z" if c.get("WRITE_Z") else ""
-                    lay += (" mixed" if mixed else "") + (" moments" if c.get("MOMENTS") else "")
+                    lay += " mixed" if mixed else ""
                     ln.variant = f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} {lay}{legacy}"
                     ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
                     out.append(ln)

@@ -24,16 +24,18 @@ Backward, no atomics, deterministic:
      (`_post_stats_bwd`); dh = s*dv Wu, which also stores dv (Houlsby: as dres, an output; else to a scratch);
      dx from the stored dv (no recompute of v). The LN-1 backward's row means come from a and da without a
      pass: 4 passes (9 in the version the first H100 run timed; the forward: 3 instead of 6).
-     It also writes u = LN(z) (Pfeiffer) and per-row-block column sums of the bias and LayerNorm gradients
-     (da's too), all reduced by one sum.
+     It also writes per-row-block column sums of the bias and LayerNorm gradients (da's too), all reduced by one
+     sum, and (Pfeiffer in fp32 / fp64 or autocast's mix only) u = LN(z).
   2. dW_up = s (dvᵀ h) and dW_down = daᵀ u as two GEMMs (cuBLAS) over what the row kernel wrote, the block sums
-     reduced in a fixed order. A parameter-gradient kernel that re-read x and dy per d-chunk and reduced in
+     reduced in a fixed order. 16-bit Pfeiffer takes dW_down from z itself, (qᵀ z - Σ q mean1) ∘ w + (Σ da) ⊗ b
+     with q = da rstd1: the GEMM reads z instead of a u written for it. A parameter-gradient kernel that re-read x and dy per d-chunk and reduced in
      registers, one partial per row split (EFFIR_ADAPTER_PARAMS=kernel), was measured slower on the H100 (run 3,
      bench/results/gpu_h100_2026-11-27_run3, seq_bn at 65536 tokens, d = 768: 2.19 ms against 1.66 ms with the
      GEMMs) and removed.
-A second design (EFFIR_ADAPTER_STATS=moments, untimed on a GPU; see the section header further down) takes v's
-statistics and the gradient through the post-LayerNorm from sums of the first pass and the up-projection's
-moments: forward 2 passes, row backward 2; the GEMMs are the same.
+A two-pass design that took v's statistics and the gradient through the post-LayerNorm from sums of the first
+pass and the up-projection's moments (fewer passes, split 16-bit dots) was measured slower on the H100 (run 6,
+bench/results/gpu_h100_2026-11-27_run6: row backward 1505 us against 510 us, post-LN at 65536 tokens, d = 768)
+and removed.
 Thin launchers only; autograd lives in effir/ops.
 """
 from __future__ import annotations
@@ -160,69 +162,30 @@ def _wd_ln_dots(WD, LNW, LNB, rr, D, R, BLOCK_K: tl.constexpr, BLOCK_R: tl.const
 
 
 @triton.jit
-def _mm_split(x, w, IEEE: tl.constexpr, SPLIT: tl.constexpr):
-    """x @ w for an fp32 (fp64) x against a weight chunk w. 16-bit weights on tensor cores: x is rounded to w's
-    dtype, and with SPLIT its rounding error too, in a second dot (x = hi + lo: the product is then good to ~2^-17
-    of |x|, about fp32's own, where one 16-bit operand would cost 2^-9). IEEE: one exact dot in x's dtype."""
-    if IEEE:  # 16-bit w widens exactly
-        return tl.dot(x, w.to(x.dtype), input_precision="ieee")
-    else:
-        hi = x.to(w.dtype)
-        acc = tl.dot(hi, w)
-        if SPLIT:
-            acc += tl.dot((x - hi.to(x.dtype)).to(w.dtype), w)
-        return acc
-
-
-@triton.jit
 def _recompute_h(X, RES, WD, BD, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                  PRE_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr, WRITE_Z: tl.constexpr):
-    """(a, act(a), mean1, rstd1): `_recompute_h_sums` without the extra sums."""
-    a, h, mean1, rstd1, _mz, _m2, _c, _q, _qb, _gw, _sgz, _gs, _gb = _recompute_h_sums(
-        X, RES, X, WD, BD, X, X, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K, BLOCK_R, ACT, HAS_RES,
-        PRE_LN, False, CDT, IEEE, WRITE_Z, False, False)
-    return a, h, mean1, rstd1
-
-
-@triton.jit
-def _recompute_h_sums(X, RES, DY, WD, BD, WU, BU, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_M: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                      PRE_LN: tl.constexpr, POST_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
-                      WRITE_Z: tl.constexpr, V_SUMS: tl.constexpr, G_SUMS: tl.constexpr):
-    """(a, act(a), mean1, rstd1, mean_z, m2_z, c, q, qb, gw, sgz, gs, gb): the r-wide pre-activation, accumulated
+    """(a, act(a), mean1, rstd1): the r-wide pre-activation, accumulated
     over d-chunks on chip, in one pass over the row also with the Pfeiffer LayerNorm in front. There
     a = LN(z) Wdᵀ + bd is taken apart as
         a = rstd (((z - c) w) Wdᵀ - (mean - c) (w Wdᵀ)) + b Wdᵀ + bd
     with c the row's first-chunk mean, so the statistics (`_merge_stats`) and the product share the pass. The
     shift c keeps the tensor-core operand (z - c) w centred (|mean - c| ~ std / sqrt(BLOCK_K)), so rounding it
     to 16 bits costs what rounding LN(z) would, whatever the row's mean; w Wdᵀ and b Wdᵀ are fp32 sums.
-    WRITE_Z (Pfeiffer forward with a residual): z = x + res is also stored to Z in this pass, for the backward.
-    The same pass also takes the sums from which the post-LayerNorm statistics and gradient follow without
-    passes of their own (`_v_moments`, EFFIR_ADAPTER_STATS=moments):
-      V_SUMS: z's mean and M2 (Chan), q = (z - c) Wu and qb = (z - c) . bu;
-      G_SUMS: with g = dy * ln_weight (POST_LN; else g = dy): gw = g Wu, sgz = g . (z - c), gs = sum g,
-              gb = g . bu.
-    Sums that are off come back as zeros."""
+    WRITE_Z (Pfeiffer forward with a residual): z = x + res is also stored to Z in this pass, for the backward."""
     bd = tl.load(BD + rr, mask=rr < R, other=0.0).to(CDT)
     a = tl.zeros((BLOCK_M, BLOCK_R), dtype=CDT)
-    q = tl.zeros((BLOCK_M, BLOCK_R), dtype=CDT)
-    gw = tl.zeros((BLOCK_M, BLOCK_R), dtype=CDT)
     mean1 = tl.zeros((BLOCK_M,), dtype=CDT)
     m2 = tl.zeros((BLOCK_M,), dtype=CDT)
-    qb = tl.zeros((BLOCK_M,), dtype=CDT)
-    sgz = tl.zeros((BLOCK_M,), dtype=CDT)
-    gs = tl.zeros((BLOCK_M,), dtype=CDT)
-    gb = tl.zeros((BLOCK_M,), dtype=CDT)
     shift = tl.zeros((BLOCK_M,), dtype=CDT)
-    if PRE_LN or V_SUMS:
+    if PRE_LN:
         z0, _x0, _c0, _m0, _o0 = _load_z(X, RES, rows, rmask, 0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
         shift = tl.sum(z0, axis=1) / tl.minimum(D, BLOCK_K)
     for k0 in range(0, D, BLOCK_K):
         z, x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
         if WRITE_Z:
             tl.store(Z + offs, z.to(Z.dtype.element_ty), mask=mask)
-        if PRE_LN or V_SUMS:
+        if PRE_LN:
             mean1, m2 = _merge_stats(mean1, m2, z, mask, k0, D, BLOCK_K, CDT)
         # Wdᵀ chunk (BLOCK_K, BLOCK_R) of w_down (R, D); padding is zero so it adds nothing
         wdt = tl.load(WD + rr[None, :] * D + cols[:, None], mask=(rr < R)[None, :] & (cols < D)[:, None],
@@ -233,23 +196,6 @@ def _recompute_h_sums(X, RES, DY, WD, BD, WU, BU, LNW, LNB, Z, rows, rmask, rr, 
             a += _mm(zc.to(wdt.dtype), wdt, IEEE).to(CDT)
         else:
             a += _mm(x.to(wdt.dtype), wdt, IEEE).to(CDT)
-        if V_SUMS or G_SUMS:
-            wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=(cols < D)[:, None] & (rr < R)[None, :],
-                         other=0.0)
-            bu = tl.load(BU + cols, mask=cols < D, other=0.0).to(CDT)
-            zs = tl.where(mask, z - shift[:, None], 0.0)
-            if V_SUMS:
-                q += _mm_split(zs, wu, IEEE, True).to(CDT)
-                qb += tl.sum(zs * bu[None, :], axis=1)
-            if G_SUMS:
-                g = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
-                if POST_LN:
-                    g = g * tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)[None, :]
-                # dy alone is exact in its dtype: one dot; g = dy * w is not: split
-                gw += _mm_split(g, wu, IEEE, POST_LN).to(CDT)
-                sgz += tl.sum(g * zs, axis=1)
-                gs += tl.sum(g, axis=1)
-                gb += tl.sum(g * bu[None, :], axis=1)
     rstd1 = tl.zeros((BLOCK_M,), dtype=CDT)
     if PRE_LN:
         # in a loop of their own: a weight chunk that also fed elementwise sums made ptxas serialise the wgmma
@@ -257,7 +203,7 @@ def _recompute_h_sums(X, RES, DY, WD, BD, WU, BU, LNW, LNB, Z, rows, rmask, rr, 
         rstd1 = 1.0 / tl.sqrt(m2 / D + eps)
         a = rstd1[:, None] * (a - (mean1 - shift)[:, None] * cw[None, :]) + cb[None, :]
     a += bd[None, :]
-    return a, _act(a, ACT), mean1, rstd1, mean1, m2, shift, q, qb, gw, sgz, gs, gb
+    return a, _act(a, ACT), mean1, rstd1
 
 
 @triton.jit
@@ -318,44 +264,37 @@ def _scalars(SC, scaling, eps, CDT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, MOM, Y, Z, M, D, R, SC, scaling, eps,
+def _fwd_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, Y, Z, M, D, R, SC, scaling, eps,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                 HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                CDT: tl.constexpr, WRITE_Z: tl.constexpr, MOMENTS: tl.constexpr):
-    """MOMENTS (EFFIR_ADAPTER_STATS=moments, POST_LN only; MOM: `_wu_moments_kernel`'s output): v's statistics
-    from the first pass's sums (`_v_moments`), two passes; else from a pass of their own (`_post_stats`), three."""
+                CDT: tl.constexpr, WRITE_Z: tl.constexpr):
     scaling, eps = _scalars(SC, scaling, eps, CDT)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     rmask = rows < M
-    _a, h, _m1, _r1, mz, m2z, c, q, qb, _gw, _sgz, _gs, _gb = _recompute_h_sums(
-        X, RES, X, WD, BD, WU, BU, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K, BLOCK_R, ACT,
-        HAS_RES, PRE_LN, POST_LN, CDT, IEEE, WRITE_Z, MOMENTS, False)
+    _a, h, _m1, _r1 = _recompute_h(X, RES, WD, BD, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
+                                   BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, WRITE_Z)
     h = h.to(WU.dtype.element_ty)  # as every up-projection dot takes it
-    mean2 = tl.zeros((BLOCK_M,), dtype=CDT)
-    rstd2 = mean2
-    if MOMENTS:
-        mean2, rstd2, _zwu, _hg, _mp = _v_moments(h, mz, m2z, c, q, qb, MOM, rr, D, scaling, eps, BLOCK_R, CDT,
-                                                   IEEE)
     if WRITE_Z:
         # the other passes read the z this program just wrote: one tensor instead of x and res (other threads
         # wrote parts of it, hence the barrier)
         tl.debug_barrier()
-        _fwd_out(Z, Z, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, mean2, rstd2, BLOCK_M, BLOCK_K,
-                 False, PRE_LN, POST_LN, CDT, IEEE, POST_LN and not MOMENTS)
+        _fwd_out(Z, Z, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M, BLOCK_K, False, PRE_LN,
+                 POST_LN, CDT, IEEE)
     else:
-        _fwd_out(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, mean2, rstd2, BLOCK_M,
-                 BLOCK_K, HAS_RES, PRE_LN, POST_LN, CDT, IEEE, POST_LN and not MOMENTS)
+        _fwd_out(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M, BLOCK_K, HAS_RES,
+                 PRE_LN, POST_LN, CDT, IEEE)
 
 
 @triton.jit
-def _fwd_out(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps, mean2, rstd2,
+def _fwd_out(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, eps,
              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, PRE_LN: tl.constexpr,
-             POST_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr, STATS: tl.constexpr):
-    """The forward after the pre-activation: with STATS the post-LayerNorm statistics of v = z + s*p (one pass,
-    replacing mean2 / rstd2), then y."""
-    if STATS:
+             POST_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr):
+    """The forward after the pre-activation: the post-LayerNorm statistics of v = z + s*p (one pass), then y."""
+    mean2 = tl.zeros((BLOCK_M,), dtype=CDT)
+    rstd2 = mean2
+    if POST_LN:
         mean2, rstd2 = _post_stats(X, RES, WU, BU, h, rows, rmask, rr, D, R, scaling, eps, BLOCK_M, BLOCK_K,
                                    HAS_RES, PRE_LN, CDT, IEEE)
     _write_y(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, mean2, rstd2, BLOCK_K, HAS_RES,
@@ -395,10 +334,13 @@ def _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R,
 
 @triton.jit
 def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF, DV, U, PCOL,
-                     M, D, R, SC, scaling, eps,
+                     M, D, R, PCOL_W, SC, scaling, eps,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                      HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                     CDT: tl.constexpr, LN_GRADS: tl.constexpr):
+                     CDT: tl.constexpr, LN_GRADS: tl.constexpr, U_FROM_Z: tl.constexpr):
+    """PCOL: (blocks, PCOL_W) per-row-block column sums (see `fused_adapter_bwd`). U_FROM_Z (Pfeiffer, 16-bit):
+    u = LN(z) is not written; DABUF takes q = da * rstd1 instead of da, and PCOL's last R columns sum q * mean1,
+    from which the dW_down GEMM runs over z itself (`_param_grads_gemm`)."""
     scaling, eps = _scalars(SC, scaling, eps, CDT)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -438,7 +380,7 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
             tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
         # this row block's column sums of the bias / LayerNorm gradients (masked rows add exact zeros):
         # [s*dv | LN weight | LN bias]; the pre-LN's share of the last two is added in the last pass
-        pcol = PCOL + pid.to(tl.int64) * (3 * D + R) + cols
+        pcol = PCOL + pid.to(tl.int64) * PCOL_W + cols
         cmask = cols < D
         tl.store(pcol, tl.sum(scaling * dv, axis=0), mask=cmask)
         if LN_GRADS and (PRE_LN or POST_LN):
@@ -481,9 +423,10 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
             tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
             if HAS_RES:
                 tl.store(DRES + offs, dz.to(DRES.dtype.element_ty), mask=mask)
-            tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)  # the dW_down GEMM's operand
+            if not U_FROM_Z:
+                tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)  # the dW_down GEMM's operand
             if LN_GRADS:  # u = uhat * w + b, the same LayerNorm: add its share to pass 3's sums
-                pcol = PCOL + pid.to(tl.int64) * (3 * D + R) + cols
+                pcol = PCOL + pid.to(tl.int64) * PCOL_W + cols
                 cmask = cols < D
                 tl.store(pcol + D, tl.load(pcol + D, mask=cmask, other=0.0) + tl.sum(du * uhat, axis=0),
                          mask=cmask)
@@ -491,177 +434,19 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
                          mask=cmask)
         else:
             tl.store(DX + offs, (dv + du).to(DX.dtype.element_ty), mask=mask)  # Houlsby: dres = dv is stored
-    tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
-    # this row block's column sums of da as stored (db_down), after the three d-wide ones
-    tl.store(PCOL + pid.to(tl.int64) * (3 * D + R) + 3 * D + rr,
+    # this row block's column sums of da as rounded (db_down), after the three d-wide ones
+    tl.store(PCOL + pid.to(tl.int64) * PCOL_W + 3 * D + rr,
              tl.sum(tl.where(rqmask, da.to(DABUF.dtype.element_ty).to(CDT), 0.0), axis=0), mask=qmask)
-
-
-# ---------------------------------------------------------------- EFFIR_ADAPTER_STATS=moments: two passes a row
-# The post-LayerNorm statistics of v = z + s*p, and the gradient dh that flows back through them, follow from sums
-# that the pre-activation's pass takes anyway (`_recompute_h_sums`) and from moments of the up-projection alone:
-# with Wc = Wu - 1 ωᵀ (ω: Wu's column means over d), b̃ = bu - mean(bu), p̃ = p - mean(p) = h Wcᵀ + b̃,
-#   mean(v) = mean(z) + s (h . ω + mean(bu))
-#   d var(v) = |z̃|² + 2 s z̃ . p̃ + s² |p̃|²,   z̃ . p̃ = h . (z̃ Wu) + z̃ . bu,   |p̃|² = h Gc hᵀ + 2 h . γ + |b̃|²
-#   Σ_k vhat_k Wu[k] = rstd (z̃ Wu + s (h Gc + γ)),      Gc = Wcᵀ Wc, γ = Wcᵀ b̃
-# Nothing there cancels beyond what the LayerNorm itself does (every term is centred; the 16-bit tensor-core
-# operands are split in two, `_mm_split`). So the forward writes y in its second pass (three before) and the row
-# backward takes two passes (four before): the sums, then dv, du, dx and the GEMM operands.
-# Weight moments (Gc, ω, γ, mean(bu), |b̃|²): `_wu_moments_kernel`, one program per call, fp32 (fp64).
-def _moments_size(block_r: int) -> int:
-    return block_r * block_r + 2 * block_r + 2
-
-
-@triton.jit
-def _wu_moments_kernel(WU, BU, MOM, D, R, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, CDT: tl.constexpr):
-    """MOM (BLOCK_R² + 2 BLOCK_R + 2,) in CDT = [Gc (BLOCK_R, BLOCK_R) row-major | ω | γ | mean(bu) | |b̃|²],
-    zero in the padding beyond R. Two passes over the (D, R) up-projection: means, then centred products."""
-    rr = tl.arange(0, BLOCK_R)
-    sw = tl.zeros((BLOCK_R,), dtype=CDT)
-    sb = tl.zeros((BLOCK_K,), dtype=CDT)
-    for k0 in range(0, D, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=(cols < D)[:, None] & (rr < R)[None, :],
-                     other=0.0).to(CDT)
-        sw += tl.sum(wu, axis=0)
-        sb += tl.load(BU + cols, mask=cols < D, other=0.0).to(CDT)
-    dd = tl.cast(D, CDT)
-    om = sw / dd
-    beta = tl.sum(sb, axis=0) / dd
-    gc = tl.zeros((BLOCK_R, BLOCK_R), dtype=CDT)
-    ga = tl.zeros((BLOCK_R,), dtype=CDT)
-    nb = tl.zeros((BLOCK_K,), dtype=CDT)
-    for k0 in range(0, D, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = (cols < D)[:, None] & (rr < R)[None, :]
-        wc = tl.where(mask, tl.load(WU + cols[:, None] * R + rr[None, :], mask=mask, other=0.0).to(CDT)
-                      - om[None, :], 0.0)
-        bc = tl.where(cols < D, tl.load(BU + cols, mask=cols < D, other=0.0).to(CDT) - beta, 0.0)
-        gc += tl.dot(tl.trans(wc), wc, input_precision="ieee")
-        ga += tl.sum(wc * bc[:, None], axis=0)
-        nb += bc * bc
-    tl.store(MOM + rr[:, None] * BLOCK_R + rr[None, :], gc)
-    tl.store(MOM + BLOCK_R * BLOCK_R + rr, om)
-    tl.store(MOM + BLOCK_R * BLOCK_R + BLOCK_R + rr, ga)
-    tl.store(MOM + BLOCK_R * BLOCK_R + 2 * BLOCK_R, beta)
-    tl.store(MOM + BLOCK_R * BLOCK_R + 2 * BLOCK_R + 1, tl.sum(nb, axis=0))
-
-
-@triton.jit
-def _v_moments(h, mean_z, m2_z, shift, q, qb, MOM, rr, D, scaling, eps, BLOCK_R: tl.constexpr, CDT: tl.constexpr,
-               IEEE: tl.constexpr):
-    """(mean2, rstd2, z̃ Wu, h Gc, mean(p)) per row of v = z + s*p, from `_recompute_h_sums`' V_SUMS (z's mean,
-    M2, shift c, q = (z - c) Wu, qb = (z - c) . bu) and the weight moments; h as the up-projection dot takes it."""
-    gc = tl.load(MOM + rr[:, None] * BLOCK_R + rr[None, :])
-    om = tl.load(MOM + BLOCK_R * BLOCK_R + rr)
-    ga = tl.load(MOM + BLOCK_R * BLOCK_R + BLOCK_R + rr)
-    beta = tl.load(MOM + BLOCK_R * BLOCK_R + 2 * BLOCK_R)
-    nb = tl.load(MOM + BLOCK_R * BLOCK_R + 2 * BLOCK_R + 1)
-    dd = tl.cast(D, CDT)
-    hf = h.to(CDT)
-    off = (mean_z - shift) * dd  # moves sums over (z - c) to sums over z - mean(z)
-    zwu = q - off[:, None] * om[None, :]
-    zb = qb - off * beta
-    if IEEE:
-        hg = tl.dot(hf, gc, input_precision="ieee")
-    else:  # h is exact in its 16-bit dtype, Gc is split in two (`_mm_split`): tensor cores, few registers
-        gc_hi = gc.to(h.dtype)
-        hg = tl.dot(h, gc_hi) + tl.dot(h, (gc - gc_hi.to(CDT)).to(h.dtype))
-    mean_p = tl.sum(hf * om[None, :], axis=1) + beta
-    pp = tl.sum(hf * (hg + 2.0 * ga[None, :]), axis=1) + nb
-    cov = tl.sum(hf * zwu, axis=1) + zb
-    m2v = tl.maximum(m2_z + scaling * (2.0 * cov + scaling * pp), 0.0)
-    return mean_z + scaling * mean_p, 1.0 / tl.sqrt(m2v / dd + eps), zwu, hg, mean_p
-
-
-@triton.jit
-def _bwd_moments_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, MOM, DX, DRES, HBUF, DABUF, DV, U, PCOL,
-                        M, D, R, SC, scaling, eps,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
-                        HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                        CDT: tl.constexpr, LN_GRADS: tl.constexpr):
-    """`_bwd_rows_kernel`'s outputs in two passes over the row block: (1) a, v's sums and the dy sums, from which
-    dh and da follow (LayerNorm-2 backward as c1 = mean(g), c2 = mean(g vhat)); (2) dv, du = da Wd, dx (dres),
-    the GEMM operands and the column sums, each written once."""
-    scaling, eps = _scalars(SC, scaling, eps, CDT)
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.arange(0, BLOCK_R)
-    rmask = rows < M
-    qmask = rr < R
-    a, h, mean1, rstd1, mz, m2z, c, q, qb, gw, sgz, gs, gb = _recompute_h_sums(
-        X, RES, DY, WD, BD, WU, BU, LNW, LNB, X, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K, BLOCK_R, ACT,
-        HAS_RES, PRE_LN, POST_LN, CDT, IEEE, False, POST_LN, True)
-    h = h.to(WU.dtype.element_ty)
-    roffs = rows[:, None].to(tl.int64) * R + rr[None, :]
-    rqmask = rmask[:, None] & qmask[None, :]
-    tl.store(HBUF + roffs, h.to(HBUF.dtype.element_ty), mask=rqmask)
-    mean2 = tl.zeros((BLOCK_M,), dtype=CDT)
-    rstd2 = mean2
-    c1 = mean2
-    c2 = mean2
-    if POST_LN:
-        mean2, rstd2, zwu, hg, mean_p = _v_moments(h, mz, m2z, c, q, qb, MOM, rr, D, scaling, eps, BLOCK_R, CDT, IEEE)
-        om = tl.load(MOM + BLOCK_R * BLOCK_R + rr)
-        ga = tl.load(MOM + BLOCK_R * BLOCK_R + BLOCK_R + rr)
-        dd = tl.cast(D, CDT)
-        hf = h.to(CDT)
-        c1 = gs / dd
-        # c2 = mean(g vhat) = rstd (g . z̃ + s g . p̃) / D, g . p̃ = h . (g Wu) + g . bu - mean(p) sum(g)
-        c2 = rstd2 * (sgz - (mz - c) * gs + scaling * (tl.sum(hf * gw, axis=1) + gb - mean_p * gs)) / dd
-        # dh = s Σ_k dv_k Wu[k] with dv = rstd (g - c1 - c2 vhat)
-        vwu = rstd2[:, None] * (zwu + scaling * (hg + ga[None, :]))
-        dh = scaling * rstd2[:, None] * (gw - (c1 * dd)[:, None] * om[None, :] - c2[:, None] * vwu)
+    if U_FROM_Z:
+        # dW_down = daᵀ u with u = (z - mean1) rstd1 w + b, as (qᵀ z - Σ q mean1) w + (Σ da) b, q = da rstd1: the
+        # GEMM reads the z it has anyway instead of a u written here (M d 16-bit bytes less). The sum takes q as
+        # stored, so the GEMM's qᵀ z and it cancel exactly what they share
+        q = (da.to(CDT) * rstd1[:, None]).to(DABUF.dtype.element_ty)
+        tl.store(DABUF + roffs, q, mask=rqmask)
+        tl.store(PCOL + pid.to(tl.int64) * PCOL_W + 3 * D + R + rr,
+                 tl.sum(tl.where(rqmask, q.to(CDT) * mean1[:, None], 0.0), axis=0), mask=qmask)
     else:
-        dh = scaling * gw
-    da = dh * _act_grad(a, ACT)
-    e1 = tl.zeros((BLOCK_M,), dtype=CDT)
-    e2 = e1
-    if PRE_LN:  # LayerNorm-1 backward's row means from a and da, as in `_bwd_rows_kernel`
-        cw, cb = _wd_ln_dots(WD, LNW, LNB, rr, D, R, BLOCK_K, BLOCK_R, CDT)
-        bd = tl.load(BD + rr, mask=qmask, other=0.0).to(CDT)
-        e1 = tl.sum(da * cw[None, :], axis=1) / D
-        e2 = tl.sum(da * (a - bd[None, :] - cb[None, :]), axis=1) / D
-    da = da.to(WD.dtype.element_ty)
-    tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
-    # this row block's column sums of da as stored (db_down), after the three d-wide ones
-    tl.store(PCOL + pid.to(tl.int64) * (3 * D + R) + 3 * D + rr,
-             tl.sum(tl.where(rqmask, da.to(DABUF.dtype.element_ty).to(CDT), 0.0), axis=0), mask=qmask)
-    for k0 in range(0, D, BLOCK_K):
-        z, x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
-        dv, vhat, _g = _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
-                                 POST_LN, CDT, IEEE)
-        dvs = dv
-        if POST_LN:  # Houlsby: DV is dres itself; else the dW_up GEMM's operand
-            tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
-            dvs = dv.to(DV.dtype.element_ty).to(CDT)  # as stored: what dres and the GEMM see
-        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :], other=0.0)
-        du = _mm(da, wd, IEEE).to(CDT)
-        cmask = cols < D
-        lw = tl.zeros((BLOCK_K,), dtype=CDT)
-        lb = tl.zeros((BLOCK_K,), dtype=CDT)
-        if POST_LN:  # y = vhat * w + b
-            lw += tl.sum(dy * vhat, axis=0)
-            lb += tl.sum(dy, axis=0)
-        if PRE_LN:
-            u, uhat = _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN, CDT)
-            w = tl.load(LNW + cols, mask=cmask, other=0.0).to(CDT)
-            dz = dvs + tl.where(mask, (du * w[None, :] - e1[:, None] - uhat * e2[:, None]) * rstd1[:, None], 0.0)
-            tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
-            if HAS_RES:
-                tl.store(DRES + offs, dz.to(DRES.dtype.element_ty), mask=mask)
-            tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)  # the dW_down GEMM's operand
-            lw += tl.sum(du * uhat, axis=0)  # u = uhat * w + b, the same LayerNorm
-            lb += tl.sum(du, axis=0)
-        else:
-            tl.store(DX + offs, (dvs + du).to(DX.dtype.element_ty), mask=mask)  # Houlsby: dres = dv is stored
-        # this row block's column sums of the bias / LayerNorm gradients: [s*dv | LN weight | LN bias]
-        pcol = PCOL + pid.to(tl.int64) * (3 * D + R) + cols
-        tl.store(pcol, tl.sum(scaling * dv, axis=0), mask=cmask)
-        if LN_GRADS and (PRE_LN or POST_LN):
-            tl.store(pcol + D, lw, mask=cmask)
-            tl.store(pcol + 2 * D, lb, mask=cmask)
+        tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
 
 
 def _blocks(d: int, r: int, dtype: torch.dtype):
@@ -681,27 +466,25 @@ _TILE_CHOICES = tuple(f"{m}x{k}x{w}" for m in (16, 32, 64, 128, 256) for k in (1
                       for w in (1, 2, 4, 8, 16))
 
 
-def _tile(kernel: str, d: int, r: int, dtype: torch.dtype, design: str = "passes"):
-    """(BLOCK_M, BLOCK_K, BLOCK_R, num_warps) of the forward (kernel="fwd") or row-gradient ("bwd") kernel of
-    `design` (EFFIR_ADAPTER_STATS: their kernels differ, so do their registers).
+def _tile(kernel: str, d: int, r: int, dtype: torch.dtype, mixed: bool = False):
+    """(BLOCK_M, BLOCK_K, BLOCK_R, num_warps) of the forward (kernel="fwd") or row-gradient ("bwd") kernel;
+    `mixed`: autocast's mix (fp32 activations with 16-bit weights of `dtype`), more registers per element.
 
     16-bit inputs read EFFIR_ADAPTER_FWD_TILE / EFFIR_ADAPTER_BWD_TILE, else EFFIR_ADAPTER_TILE, as
     "BLOCK_MxBLOCK_KxWARPS" (e.g. "128x64x8"): more rows per program re-read the weight chunks (from L2) for
     fewer programs, wider chunks mean fewer, larger tensor-core steps, both at the cost of registers. Timed side
     by side by bench/gpu/adapter.py. fp32 / fp64 always take the defaults (their tests pin the rounding)."""
     env = (os.environ.get(f"EFFIR_ADAPTER_{kernel.upper()}_TILE"), os.environ.get("EFFIR_ADAPTER_TILE"))
-    return _tile_cached(kernel, d, r, dtype, design, env)
+    return _tile_cached(kernel, d, r, dtype, mixed, env)
 
 
 @functools.lru_cache(maxsize=256)
-def _tile_cached(kernel: str, d: int, r: int, dtype: torch.dtype, design: str, env: tuple):
+def _tile_cached(kernel: str, d: int, r: int, dtype: torch.dtype, mixed: bool, env: tuple):
     # cached: every call of the op asks, and triton.next_power_of_2 alone costs microseconds of host time
     bm, bk, br = _blocks(d, r, dtype)
-    if design == "moments":  # three (BLOCK_M, BLOCK_R) sums in the first pass: half the rows keep them in registers
-        bm = max(16, bm // 2)
     warps = _warps(bm, bk, br)
     if dtype in (torch.float16, torch.bfloat16):
-        bm, bk, warps = _TILE_16BIT[design][kernel]
+        bm, bk, warps = (_TILE_16BIT_MIXED if mixed else _TILE_16BIT).get(kernel, _TILE_16BIT[kernel])
         v = env_choice(f"EFFIR_ADAPTER_{kernel.upper()}_TILE", _TILE_CHOICES, None)
         if v is None:
             v = env_choice("EFFIR_ADAPTER_TILE", _TILE_CHOICES, None)
@@ -719,16 +502,10 @@ def _tile_cached(kernel: str, d: int, r: int, dtype: torch.dtype, design: str, e
 # The row-gradient kernel at 64x64x4 needs more than the 255 registers a thread has and spills (152-356 B per
 # thread on sm_90 with the LayerNorm variants, bench/results/triton_aot_sm90.json), yet measured fastest: 641 us
 # against 784 us at 32x64x4, which does not spill (runs 4 and 5).
-# The two-pass kernels (EFFIR_ADAPTER_STATS=moments) are untimed: their defaults are tiles of 32 rows (each row
-# block re-reads both weight matrices from L2 per pass: fewer rows, more of that traffic) that do not spill on
-# sm_90 at any (d, r) (bench/triton_aot.py: forward 32x64 on 4 warps, 186 registers at d = 768; row backward
-# 32x32 on 8 warps, its 32x64 spills 16-28 B at r = 24), swept with others by bench/gpu/adapter.py.
-_TILE_16BIT = {"passes": {"fwd": (32, 128, 4), "bwd": (64, 64, 4)},
-               "moments": {"fwd": (32, 64, 4), "bwd": (32, 32, 8)}}
-# Autocast's mix (untimed): the row backward reads fp32 z and dy, and the three-pass kernel's 64x64 tile then
-# spills 616 B per thread on sm_90; 32x32 on 8 warps does not (bench/results/triton_aot_sm90.json, "mixed")
-_TILE_16BIT["passes_mixed"] = {"bwd": (32, 32, 8)}
-_TILE_16BIT["moments_mixed"] = _TILE_16BIT["moments"]
+_TILE_16BIT = {"fwd": (32, 128, 4), "bwd": (64, 64, 4)}
+# Autocast's mix: the row backward reads fp32 z and dy, and the 64x64 tile then spills 616 B per thread on sm_90;
+# 32x32 on 8 warps does not (bench/results/triton_aot_sm90.json, "mixed")
+_TILE_16BIT_MIXED = {"bwd": (32, 32, 8)}
 
 
 def _stages(*tensors: torch.Tensor) -> int:
@@ -773,37 +550,17 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
         raise ValueError("z_out is only written by the Pfeiffer variant (pre_ln=True) with a residual res")
     y = torch.empty(x.shape, dtype=x.dtype if res is None else torch.promote_types(x.dtype, res.dtype),
                     device=x.device)
-    moments = post_ln and stats_design() == "moments"  # the plain forward has two passes in either design
-    bm, bk, br, warps = _tile("fwd", d, r, w_down.dtype, "moments" if moments else "passes")
+    bm, bk, br, warps = _tile("fwd", d, r, w_down.dtype)
     dummy = x  # never read when the flag is off
     lnw = ln_weight if ln_weight is not None else dummy
     lnb = ln_bias if ln_bias is not None else dummy
-    mom = _wu_moments(w_up, b_up, br, x) if moments else dummy
     _fwd_kernel[(triton.cdiv(m, bm),)](
-        x, res if res is not None else dummy, w_down, b_down, w_up, b_up, lnw, lnb, mom, y,
+        x, res if res is not None else dummy, w_down, b_down, w_up, b_up, lnw, lnb, y,
         z_out if z_out is not None else dummy, m, d, r, *_scalar_args(x, scaling, eps), BLOCK_M=bm, BLOCK_K=bk,
         BLOCK_R=br, ACT=ACT_IDS[activation], HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln,
-        num_warps=warps, num_stages=_stages(x, res), WRITE_Z=z_out is not None, MOMENTS=moments,
+        num_warps=warps, num_stages=_stages(x, res), WRITE_Z=z_out is not None,
         **_flags(x, w_down))
     return y
-
-
-def stats_design() -> str:
-    """EFFIR_ADAPTER_STATS: how the row kernels get the post-LayerNorm statistics and the gradient through them.
-    "passes" (default, timed on the H100): passes of their own over the row block (forward 3, row backward 4).
-    "moments": from sums the pre-activation's pass takes anyway and the up-projection's moments (forward 2, row
-    backward 2, plain adapter's backward 2 instead of 3), see `_wu_moments_kernel`; not yet timed on a GPU."""
-    return env_choice("EFFIR_ADAPTER_STATS", ("passes", "moments"), "passes")
-
-
-def _wu_moments(w_up, b_up, block_r: int, x) -> torch.Tensor:
-    """The up-projection's moments (`_wu_moments_kernel`) in x's compute dtype: one single-program launch."""
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    mom = torch.empty(_moments_size(block_r), dtype=cdt, device=x.device)
-    d = w_up.shape[0]
-    _wu_moments_kernel[(1,)](w_up, b_up, mom, d, w_up.shape[1], BLOCK_K=max(16, min(64, triton.next_power_of_2(d))),
-                             BLOCK_R=block_r, CDT=_flags(x)["CDT"], num_warps=4)
-    return mom
 
 
 def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str,
@@ -816,10 +573,9 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     r = w_down.shape[0]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     dev = x.device
-    design = stats_design()
     # autocast's mix (fp32 z and dy, 16-bit weights) has fp32 tiles in the registers: its own defaults
     mixed = any(t is not None and t.dtype != w_down.dtype for t in (x, res, dy))
-    bm, bk, br, warps = _tile("bwd", d, r, w_down.dtype, design + ("_mixed" if mixed else ""))
+    bm, bk, br, warps = _tile("bwd", d, r, w_down.dtype, mixed)
     dx = torch.empty_like(x)
     dres = torch.empty_like(res) if res is not None else None
     # act(a), d(a), u = LN(z) and dv (the weight-gradient GEMMs' operands) in the weights' dtype: what the
@@ -841,19 +597,22 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
         dv = dres if has_res and not pre_ln else torch.empty((m, d), dtype=gdt, device=dev)
     else:
         dv = dummy  # plain: dv = dy
-    u = torch.empty((m, d), dtype=gdt, device=dev) if pre_ln else dummy
-    # per row block: column sums [s*dv (d) | LN weight (d) | LN bias (d) | da (r)], reduced by one sum below
-    pcol = torch.empty((n_blocks, 3 * d + r), dtype=cdt, device=dev)
-    if design == "moments":
-        kernel, mom = _bwd_moments_kernel, ((_wu_moments(w_up, b_up, br, x) if post_ln else dummy),)
-    else:
-        kernel, mom = _bwd_rows_kernel, ()
-    kernel[(n_blocks,)](
-        dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb, *mom, dx,
-        dres if has_res else dummy, hbuf, dabuf, dv, u, pcol, m, d, r, *sc,
+    # seq_bn in one 16-bit dtype: the dW_down GEMM reads z itself, no u = LN(z) is written (`_param_grads_gemm`);
+    # fp32 / fp64 keep u (there the product over z would cost more than torch's own rounding of u) and so does
+    # autocast's mix (fp32 z, 16-bit GEMM operands)
+    u_from_z = pre_ln and x.dtype == gdt and gdt in (torch.float16, torch.bfloat16)
+    u = torch.empty((m, d), dtype=gdt, device=dev) if pre_ln and not u_from_z else dummy
+    # per row block: column sums [s*dv (d) | LN weight (d) | LN bias (d) | da (r) | (u_from_z) q mean1 (r)],
+    # reduced by one sum below
+    pcol_w = 3 * d + (2 * r if u_from_z else r)
+    pcol = torch.empty((n_blocks, pcol_w), dtype=cdt, device=dev)
+    _bwd_rows_kernel[(n_blocks,)](
+        dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb, dx,
+        dres if has_res else dummy, hbuf, dabuf, dv, u, pcol, m, d, r, pcol_w, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
-        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, **flags)
-    grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln else None, hbuf, dabuf, pcol, scaling)
+        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z, **flags)
+    grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln and not u_from_z else None, hbuf, dabuf, pcol,
+                              scaling, (ln_weight, ln_bias) if u_from_z else None)
     # the vectors are slices of one sum: each becomes a tensor of its own (outputs must not alias), in the cast
     # that rounds it to its parameter's dtype anyway
     dw_down, dw_up = grads[0].to(w_down.dtype), grads[2].to(w_up.dtype)
@@ -866,17 +625,22 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     return dx, dres, dw_down, db_down, dw_up, db_up, dlnw, dlnb
 
 
-def _param_grads_gemm(dv, x, u, hbuf, dabuf, pcol, scaling: float):
+def _param_grads_gemm(dv, x, u, hbuf, dabuf, pcol, scaling: float, ln_from_z=None):
     """(dW_down, db_down, dW_up, db_up, dln_w, dln_b) from the row kernel's outputs: dv (M, d) the gradient
     reaching v (plain: dy; Houlsby: dres), u (M, d) = LN(z) (None: u = x), h / da (M, r) in hbuf / dabuf (the
-    weights' dtype), pcol (blocks, 3d + r) column sums [s*dv | LN weight | LN bias | da] (the LayerNorm's are
-    garbage when the kernel skipped them). dW_up = s (dvᵀ h), dW_down = daᵀ u: 16-bit GEMM operands as in torch's
-    own bf16 autograd, fp32 accumulation and results (one rounding, to the parameters' dtype, by the caller);
-    fp32 / fp64 exact. Block sums in a fixed order, all four in one reduction."""
+    weights' dtype), pcol (blocks, 3d + r [+ r]) column sums [s*dv | LN weight | LN bias | da [| q mean1]] (the
+    LayerNorm's are garbage when the kernel skipped them). dW_up = s (dvᵀ h), dW_down = daᵀ u: 16-bit GEMM
+    operands as in torch's own bf16 autograd, fp32 accumulation and results (one rounding, to the parameters'
+    dtype, by the caller); fp32 / fp64 exact. Block sums in a fixed order, all in one reduction.
+    ln_from_z = (ln_weight, ln_bias): the kernel's U_FROM_Z, x is z and dabuf holds q = da rstd1 (Pfeiffer):
+    dW_down = (qᵀ z - Σ q mean1) ∘ w + (Σ da) ⊗ b, the fp32 GEMM result and sum sharing q's rounding."""
     dw_up = mm_unrounded(dv.t(), hbuf)  # fp32 (fp64) results, rounded once to the parameters' dtype
     if scaling != 1.0:
         dw_up.mul_(scaling)
     dw_down = mm_unrounded(dabuf.t(), u if u is not None else x)
-    d = dv.shape[1]
+    d, r = dv.shape[1], hbuf.shape[1]
     sums = pcol.sum(0)
-    return dw_down, sums[3 * d:], dw_up, sums[:d], sums[d:2 * d], sums[2 * d:3 * d]
+    if ln_from_z is not None:
+        w, b = (t.to(dw_down.dtype) for t in ln_from_z)
+        dw_down = torch.addr((dw_down - sums[3 * d + r:, None]) * w, sums[3 * d:3 * d + r], b)
+    return dw_down, sums[3 * d:3 * d + r], dw_up, sums[:d], sums[d:2 * d], sums[2 * d:3 * d]

@@ -14,7 +14,6 @@ KNOBS = [
     ("EFFIR_TRITON_DS_BLOCK", "3", loss.ds_block_factor, 2),
     ("EFFIR_ADAPTER_TILE", "48x64x8", lambda: adapter._tile("fwd", 768, 48, torch.bfloat16), (32, 128, 64, 4)),
     ("EFFIR_ADAPTER_BWD_TILE", "64x64", lambda: adapter._tile("bwd", 768, 48, torch.bfloat16), (64, 64, 64, 4)),
-    ("EFFIR_ADAPTER_STATS", "three", adapter.stats_design, "passes"),
 ]
 
 
@@ -41,14 +40,13 @@ def test_adapter_tile_per_kernel_overrides_the_shared_one(monkeypatch):
     assert adapter._tile("fwd", 24, 4, torch.bfloat16) == (128, 32, 16, 16)  # chunks no wider than the row
 
 
-def test_adapter_tile_defaults_per_design(monkeypatch):
-    """Each statistics design has its own 16-bit defaults (different kernels, different registers); a set tile
-    applies to whichever design runs."""
+def test_adapter_tile_default_for_autocasts_mix(monkeypatch):
+    """Autocast's mix (fp32 activations, 16-bit weights) has its own row-backward default (more registers per
+    element); a set tile applies to it too."""
     for name in ("EFFIR_ADAPTER_TILE", "EFFIR_ADAPTER_FWD_TILE", "EFFIR_ADAPTER_BWD_TILE"):
         monkeypatch.delenv(name, raising=False)
-    assert adapter._tile("bwd", 768, 48, torch.bfloat16, "moments") == (32, 32, 64, 8)
-    assert adapter._tile("fwd", 768, 48, torch.bfloat16, "moments") == (32, 64, 64, 4)
-    assert adapter._tile("bwd", 768, 48, torch.bfloat16, "passes_mixed") == (32, 32, 64, 8)  # autocast's mix
+    assert adapter._tile("bwd", 768, 48, torch.bfloat16, mixed=True) == (32, 32, 64, 8)
+    assert adapter._tile("fwd", 768, 48, torch.bfloat16, mixed=True) == (32, 128, 64, 4)
     monkeypatch.setenv("EFFIR_ADAPTER_BWD_TILE", "16x128x4")
-    assert adapter._tile("bwd", 768, 48, torch.bfloat16, "moments") == (16, 128, 64, 4)
-    assert adapter._tile("bwd", 768, 48, torch.bfloat16, "passes") == (16, 128, 64, 4)
+    assert adapter._tile("bwd", 768, 48, torch.bfloat16, mixed=True) == (16, 128, 64, 4)
+    assert adapter._tile("bwd", 768, 48, torch.bfloat16) == (16, 128, 64, 4)
