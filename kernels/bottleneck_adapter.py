@@ -148,8 +148,10 @@ def _merge_stats(mean, m2, chunk, mask, k0, D, BLOCK_K: tl.constexpr, CDT: tl.co
 
 
 @triton.jit
-def _wd_ln_dots(WD, LNW, LNB, rr, D, R, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, CDT: tl.constexpr):
-    """(Wd w, Wd b): the down-projection applied to the LayerNorm's weight and bias, (BLOCK_R,) each, in CDT."""
+def _wd_ln_kernel(WD, LNW, LNB, CWB, D, R, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, CDT: tl.constexpr):
+    """CWB (2 BLOCK_R,) in CDT = [Wd w | Wd b]: the down-projection applied to the LayerNorm's weight and bias
+    (zero beyond R), exact products and CDT sums; one program per call, read by every row block."""
+    rr = tl.arange(0, BLOCK_R)
     cw = tl.zeros((BLOCK_R,), dtype=CDT)
     cb = tl.zeros((BLOCK_R,), dtype=CDT)
     for k0 in range(0, D, BLOCK_K):
@@ -158,26 +160,36 @@ def _wd_ln_dots(WD, LNW, LNB, rr, D, R, BLOCK_K: tl.constexpr, BLOCK_R: tl.const
                      other=0.0).to(CDT)
         cw += tl.sum(wd * tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)[None, :], axis=1)
         cb += tl.sum(wd * tl.load(LNB + cols, mask=cols < D, other=0.0).to(CDT)[None, :], axis=1)
-    return cw, cb
+    tl.store(CWB + rr, cw)
+    tl.store(CWB + BLOCK_R + rr, cb)
 
 
 @triton.jit
-def _recompute_h(X, RES, WD, BD, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_M: tl.constexpr,
+def _recompute_h(X, RES, WD, BD, LNW, LNB, CWB, Z, rows, rmask, rr, D, R, eps, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                 PRE_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr, WRITE_Z: tl.constexpr):
+                 PRE_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr, WRITE_Z: tl.constexpr,
+                 WD_LN_LOOP: tl.constexpr):
     """(a, act(a), mean1, rstd1): the r-wide pre-activation, accumulated
     over d-chunks on chip, in one pass over the row also with the Pfeiffer LayerNorm in front. There
     a = LN(z) Wdᵀ + bd is taken apart as
         a = rstd (((z - c) w) Wdᵀ - (mean - c) (w Wdᵀ)) + b Wdᵀ + bd
     with c the row's first-chunk mean, so the statistics (`_merge_stats`) and the product share the pass. The
     shift c keeps the tensor-core operand (z - c) w centred (|mean - c| ~ std / sqrt(BLOCK_K)), so rounding it
-    to 16 bits costs what rounding LN(z) would, whatever the row's mean; w Wdᵀ and b Wdᵀ are fp32 sums.
+    to 16 bits costs what rounding LN(z) would, whatever the row's mean. cw = w Wdᵀ and cb = b Wdᵀ, (BLOCK_R,)
+    fp32 (fp64) sums, are read from CWB (`_wd_ln_kernel`, once per call) instead of a walk over Wd per row
+    block (the backward took two: ~a third of its chunk loops); folding them into this pass's dot instead
+    made ptxas serialise the backward's wgmma (C7515) and raised the forward to 255 registers.
     WRITE_Z (Pfeiffer forward with a residual): z = x + res is also stored to Z in this pass, for the backward."""
     bd = tl.load(BD + rr, mask=rr < R, other=0.0).to(CDT)
     a = tl.zeros((BLOCK_M, BLOCK_R), dtype=CDT)
     mean1 = tl.zeros((BLOCK_M,), dtype=CDT)
     m2 = tl.zeros((BLOCK_M,), dtype=CDT)
     shift = tl.zeros((BLOCK_M,), dtype=CDT)
+    cw = tl.zeros((BLOCK_R,), dtype=CDT)
+    cb = tl.zeros((BLOCK_R,), dtype=CDT)
+    if PRE_LN and not WD_LN_LOOP:
+        cw = tl.load(CWB + rr)
+        cb = tl.load(CWB + BLOCK_R + rr)
     if PRE_LN:
         z0, _x0, _c0, _m0, _o0 = _load_z(X, RES, rows, rmask, 0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
         shift = tl.sum(z0, axis=1) / tl.minimum(D, BLOCK_K)
@@ -197,9 +209,14 @@ def _recompute_h(X, RES, WD, BD, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_
         else:
             a += _mm(x.to(wdt.dtype), wdt, IEEE).to(CDT)
     rstd1 = tl.zeros((BLOCK_M,), dtype=CDT)
+    if PRE_LN and WD_LN_LOOP:
+        for k0 in range(0, D, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=(rr < R)[:, None] & (cols < D)[None, :],
+                         other=0.0).to(CDT)
+            cw += tl.sum(wd * tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)[None, :], axis=1)
+            cb += tl.sum(wd * tl.load(LNB + cols, mask=cols < D, other=0.0).to(CDT)[None, :], axis=1)
     if PRE_LN:
-        # in a loop of their own: a weight chunk that also fed elementwise sums made ptxas serialise the wgmma
-        cw, cb = _wd_ln_dots(WD, LNW, LNB, rr, D, R, BLOCK_K, BLOCK_R, CDT)
         rstd1 = 1.0 / tl.sqrt(m2 / D + eps)
         a = rstd1[:, None] * (a - (mean1 - shift)[:, None] * cw[None, :]) + cb[None, :]
     a += bd[None, :]
@@ -264,17 +281,17 @@ def _scalars(SC, scaling, eps, CDT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, Y, Z, M, D, R, SC, scaling, eps,
+def _fwd_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, CWB, Y, Z, M, D, R, SC, scaling, eps,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                 HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                CDT: tl.constexpr, WRITE_Z: tl.constexpr):
+                CDT: tl.constexpr, WRITE_Z: tl.constexpr, WD_LN_LOOP: tl.constexpr):
     scaling, eps = _scalars(SC, scaling, eps, CDT)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     rmask = rows < M
-    _a, h, _m1, _r1 = _recompute_h(X, RES, WD, BD, LNW, LNB, Z, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
-                                   BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, WRITE_Z)
+    _a, h, _m1, _r1 = _recompute_h(X, RES, WD, BD, LNW, LNB, CWB, Z, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
+                                   BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, WRITE_Z, WD_LN_LOOP)
     h = h.to(WU.dtype.element_ty)  # as every up-projection dot takes it
     if WRITE_Z:
         # the other passes read the z this program just wrote: one tensor instead of x and res (other threads
@@ -333,11 +350,11 @@ def _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R,
 
 
 @triton.jit
-def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF, DV, U, PCOL,
+def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, DABUF, DV, U, PCOL,
                      M, D, R, PCOL_W, SC, scaling, eps,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                      HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                     CDT: tl.constexpr, LN_GRADS: tl.constexpr, U_FROM_Z: tl.constexpr):
+                     CDT: tl.constexpr, LN_GRADS: tl.constexpr, U_FROM_Z: tl.constexpr, WD_LN_LOOP: tl.constexpr):
     """PCOL: (blocks, PCOL_W) per-row-block column sums (see `fused_adapter_bwd`). U_FROM_Z (Pfeiffer, 16-bit):
     u = LN(z) is not written; DABUF takes q = da * rstd1 instead of da, and PCOL's last R columns sum q * mean1,
     from which the dW_down GEMM runs over z itself (`_param_grads_gemm`)."""
@@ -348,8 +365,8 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
     rmask = rows < M
     qmask = rr < R
     # recompute the forward (nothing but the inputs was saved)
-    a, h, mean1, rstd1 = _recompute_h(X, RES, WD, BD, LNW, LNB, X, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
-                                      BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, False)
+    a, h, mean1, rstd1 = _recompute_h(X, RES, WD, BD, LNW, LNB, CWB, X, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
+                                      BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, False, WD_LN_LOOP)
     # act(a) in the weights' dtype, as every up-projection dot takes it: half the registers of fp32 at 16 bits.
     # Stored now (a GEMM operand, in the weights' dtype): a store after the last pass keeps h live through it
     # (more spills), one after pass 3 made ptxas serialise the wgmma (C7515; bench/triton_aot.py). With this
@@ -397,8 +414,10 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, DX, DRES, HBUF, DABUF
     if PRE_LN:
         # LayerNorm-1 backward needs the row means of g1 = du * w and g1 * uhat, du = da @ Wd. No pass over the
         # row: sum_d du w = da . (Wd w) and sum_d du w uhat = da . ((uhat * w) @ Wdᵀ) = da . (a - bd - Wd b),
-        # the pre-activation a already holding (uhat * w + b) @ Wdᵀ + bd
-        cw, cb = _wd_ln_dots(WD, LNW, LNB, rr, D, R, BLOCK_K, BLOCK_R, CDT)
+        # the pre-activation a already holding (uhat * w + b) @ Wdᵀ + bd. cw = Wd w, cb = Wd b re-read here (two
+        # r-vectors, L2 hits): kept live from pass 1 they cost ~130 B more spill and serialised the wgmma (C7515)
+        cw = tl.load(CWB + rr)
+        cb = tl.load(CWB + BLOCK_R + rr)
         bd = tl.load(BD + rr, mask=qmask, other=0.0).to(CDT)
         e1 = tl.sum(da * cw[None, :], axis=1) / D
         e2 = tl.sum(da * (a - bd[None, :] - cb[None, :]), axis=1) / D
@@ -555,12 +574,30 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
     lnw = ln_weight if ln_weight is not None else dummy
     lnb = ln_bias if ln_bias is not None else dummy
     _fwd_kernel[(triton.cdiv(m, bm),)](
-        x, res if res is not None else dummy, w_down, b_down, w_up, b_up, lnw, lnb, y,
+        x, res if res is not None else dummy, w_down, b_down, w_up, b_up, lnw, lnb,
+        _wd_ln(w_down, ln_weight, ln_bias, br, x) if pre_ln else dummy, y,
         z_out if z_out is not None else dummy, m, d, r, *_scalar_args(x, scaling, eps), BLOCK_M=bm, BLOCK_K=bk,
         BLOCK_R=br, ACT=ACT_IDS[activation], HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln,
-        num_warps=warps, num_stages=_stages(x, res), WRITE_Z=z_out is not None,
+        num_warps=warps, num_stages=_stages(x, res), WRITE_Z=z_out is not None, WD_LN_LOOP=wd_ln_loop(),
         **_flags(x, w_down))
     return y
+
+
+def wd_ln_loop() -> bool:
+    """EFFIR_ADAPTER_WDLN (timing knob, "load" by default): "loop" has the first pass over each row block take
+    Wd w, Wd b in a walk of its own over Wd (as up to session 7) instead of reading `_wd_ln_kernel`'s CWB."""
+    return env_choice("EFFIR_ADAPTER_WDLN", ("load", "loop"), "load") == "loop"
+
+
+def _wd_ln(w_down, ln_weight, ln_bias, block_r: int, x) -> torch.Tensor:
+    """[Wd w | Wd b] (2 block_r,) in x's compute dtype (`_wd_ln_kernel`): one single-program launch per call."""
+    cwb = torch.empty(2 * block_r, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                      device=x.device)
+    d = w_down.shape[1]
+    _wd_ln_kernel[(1,)](w_down, ln_weight, ln_bias, cwb, d, w_down.shape[0],
+                        BLOCK_K=max(16, min(64, triton.next_power_of_2(d))), BLOCK_R=block_r,
+                        CDT=_flags(x)["CDT"], num_warps=4)
+    return cwb
 
 
 def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str,
@@ -607,10 +644,12 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     pcol_w = 3 * d + (2 * r if u_from_z else r)
     pcol = torch.empty((n_blocks, pcol_w), dtype=cdt, device=dev)
     _bwd_rows_kernel[(n_blocks,)](
-        dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb, dx,
+        dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb,
+        _wd_ln(w_down, ln_weight, ln_bias, br, x) if pre_ln else dummy, dx,
         dres if has_res else dummy, hbuf, dabuf, dv, u, pcol, m, d, r, pcol_w, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
-        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z, **flags)
+        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z,
+        WD_LN_LOOP=wd_ln_loop(), **flags)
     grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln and not u_from_z else None, hbuf, dabuf, pcol,
                               scaling, (ln_weight, ln_bias) if u_from_z else None)
     # the vectors are slices of one sum: each becomes a tensor of its own (outputs must not alias), in the cast

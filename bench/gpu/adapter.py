@@ -193,14 +193,18 @@ def _adapterhub_fn(variant, d, r, act, scaling, dtype=torch.bfloat16):
 
 
 # design knobs timed at the target shape: EFFIR_ADAPTER_TILE = rows x chunk width x warps, or "fwd/bwd" tiles for
-# the two kernels (the defaults, kernels/bottleneck_adapter._TILE_16BIT, come from run 4's sweep). seq_bn's row
-# kernel no longer writes u (session 8), which changes its registers: its row-backward tiles are swept again
-TILES = {"ln_pre": ("32x128x4/32x64x4", "32x128x4/64x64x8", "32x128x4/64x32x4", "32x128x4/128x64x8"),
+# the two kernels (the defaults, kernels/bottleneck_adapter._TILE_16BIT, come from run 4's sweep), or "NAME=value"
+# for another knob. Run 7 swept the row-backward tiles again after u stopped being written (64x64x4 stayed best);
+# now: Wd w / Wd b read from a per-call kernel's output (default) or walked per row block (EFFIR_ADAPTER_WDLN=loop)
+TILES = {"ln_pre": ("EFFIR_ADAPTER_WDLN=loop", "32x128x4/128x64x8"),
          "ln": ()}  # seq_bn is the issue's target
 
 
 def _tile_env(tile: str) -> dict:
-    """"FWD/BWD" or "TILE" -> the environment knobs."""
+    """"FWD/BWD", "TILE" or "NAME=value" -> the environment knobs."""
+    if "=" in tile:
+        name, _, value = tile.partition("=")
+        return {name: value}
     if "/" in tile:
         fwd, bwd = tile.split("/")
         return {"EFFIR_ADAPTER_FWD_TILE": fwd, "EFFIR_ADAPTER_BWD_TILE": bwd}
