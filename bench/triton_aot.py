@@ -59,6 +59,7 @@ QUICK = {
     ("bottleneck_adapter._fwd_kernel", "bf16 d=768 r=48 relu pfeiffer h+t writes z"),
     ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 relu pfeiffer"),
     ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 relu pfeiffer mixed"),
+    ("bottleneck_adapter._wd_ln_kernel", "bf16 d=768 r=48 pfeiffer"),
     ("bottleneck_adapter._fwd_kernel", "fp32 d=384 r=24 relu plain"),
     ("bottleneck_adapter._bwd_rows_kernel", "fp64 d=768 r=48 gelu pfeiffer"),
 }

@@ -167,8 +167,7 @@ def _wd_ln_kernel(WD, LNW, LNB, CWB, D, R, BLOCK_K: tl.constexpr, BLOCK_R: tl.co
 @triton.jit
 def _recompute_h(X, RES, WD, BD, LNW, LNB, CWB, Z, rows, rmask, rr, D, R, eps, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                 PRE_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr, WRITE_Z: tl.constexpr,
-                 WD_LN_LOOP: tl.constexpr):
+                 PRE_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr, WRITE_Z: tl.constexpr):
     """(a, act(a), mean1, rstd1): the r-wide pre-activation, accumulated
     over d-chunks on chip, in one pass over the row also with the Pfeiffer LayerNorm in front. There
     a = LN(z) Wdᵀ + bd is taken apart as
@@ -177,8 +176,10 @@ def _recompute_h(X, RES, WD, BD, LNW, LNB, CWB, Z, rows, rmask, rr, D, R, eps, B
     shift c keeps the tensor-core operand (z - c) w centred (|mean - c| ~ std / sqrt(BLOCK_K)), so rounding it
     to 16 bits costs what rounding LN(z) would, whatever the row's mean. cw = w Wdᵀ and cb = b Wdᵀ, (BLOCK_R,)
     fp32 (fp64) sums, are read from CWB (`_wd_ln_kernel`, once per call) instead of a walk over Wd per row
-    block (the backward took two: ~a third of its chunk loops); folding them into this pass's dot instead
-    made ptxas serialise the backward's wgmma (C7515) and raised the forward to 255 registers.
+    block (H100 run 8: forward 296 against 304 us, row backward 581 against 598 with the walk, which the
+    backward took twice; `_wd_ln_kernel` itself 2 x 9.5 us). Without the walk ptxas reports the row backward's
+    wgmma serialised (C7515), which it did not with it: measured faster all the same. Folding cw / cb into this
+    pass's dot instead raised the forward from 168 to 255 registers.
     WRITE_Z (Pfeiffer forward with a residual): z = x + res is also stored to Z in this pass, for the backward."""
     bd = tl.load(BD + rr, mask=rr < R, other=0.0).to(CDT)
     a = tl.zeros((BLOCK_M, BLOCK_R), dtype=CDT)
@@ -186,11 +187,10 @@ def _recompute_h(X, RES, WD, BD, LNW, LNB, CWB, Z, rows, rmask, rr, D, R, eps, B
     m2 = tl.zeros((BLOCK_M,), dtype=CDT)
     shift = tl.zeros((BLOCK_M,), dtype=CDT)
     cw = tl.zeros((BLOCK_R,), dtype=CDT)
-    cb = tl.zeros((BLOCK_R,), dtype=CDT)
-    if PRE_LN and not WD_LN_LOOP:
+    cb = cw
+    if PRE_LN:
         cw = tl.load(CWB + rr)
         cb = tl.load(CWB + BLOCK_R + rr)
-    if PRE_LN:
         z0, _x0, _c0, _m0, _o0 = _load_z(X, RES, rows, rmask, 0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
         shift = tl.sum(z0, axis=1) / tl.minimum(D, BLOCK_K)
     for k0 in range(0, D, BLOCK_K):
@@ -209,13 +209,6 @@ def _recompute_h(X, RES, WD, BD, LNW, LNB, CWB, Z, rows, rmask, rr, D, R, eps, B
         else:
             a += _mm(x.to(wdt.dtype), wdt, IEEE).to(CDT)
     rstd1 = tl.zeros((BLOCK_M,), dtype=CDT)
-    if PRE_LN and WD_LN_LOOP:
-        for k0 in range(0, D, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=(rr < R)[:, None] & (cols < D)[None, :],
-                         other=0.0).to(CDT)
-            cw += tl.sum(wd * tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)[None, :], axis=1)
-            cb += tl.sum(wd * tl.load(LNB + cols, mask=cols < D, other=0.0).to(CDT)[None, :], axis=1)
     if PRE_LN:
         rstd1 = 1.0 / tl.sqrt(m2 / D + eps)
         a = rstd1[:, None] * (a - (mean1 - shift)[:, None] * cw[None, :]) + cb[None, :]
@@ -284,14 +277,14 @@ def _scalars(SC, scaling, eps, CDT: tl.constexpr):
 def _fwd_kernel(X, RES, WD, BD, WU, BU, LNW, LNB, CWB, Y, Z, M, D, R, SC, scaling, eps,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                 HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                CDT: tl.constexpr, WRITE_Z: tl.constexpr, WD_LN_LOOP: tl.constexpr):
+                CDT: tl.constexpr, WRITE_Z: tl.constexpr):
     scaling, eps = _scalars(SC, scaling, eps, CDT)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     rmask = rows < M
     _a, h, _m1, _r1 = _recompute_h(X, RES, WD, BD, LNW, LNB, CWB, Z, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
-                                   BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, WRITE_Z, WD_LN_LOOP)
+                                   BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, WRITE_Z)
     h = h.to(WU.dtype.element_ty)  # as every up-projection dot takes it
     if WRITE_Z:
         # the other passes read the z this program just wrote: one tensor instead of x and res (other threads
@@ -354,7 +347,7 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
                      M, D, R, PCOL_W, SC, scaling, eps,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                      HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                     CDT: tl.constexpr, LN_GRADS: tl.constexpr, U_FROM_Z: tl.constexpr, WD_LN_LOOP: tl.constexpr):
+                     CDT: tl.constexpr, LN_GRADS: tl.constexpr, U_FROM_Z: tl.constexpr):
     """PCOL: (blocks, PCOL_W) per-row-block column sums (see `fused_adapter_bwd`). U_FROM_Z (Pfeiffer, 16-bit):
     u = LN(z) is not written; DABUF takes q = da * rstd1 instead of da, and PCOL's last R columns sum q * mean1,
     from which the dW_down GEMM runs over z itself (`_param_grads_gemm`)."""
@@ -366,7 +359,7 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
     qmask = rr < R
     # recompute the forward (nothing but the inputs was saved)
     a, h, mean1, rstd1 = _recompute_h(X, RES, WD, BD, LNW, LNB, CWB, X, rows, rmask, rr, D, R, eps, BLOCK_M, BLOCK_K,
-                                      BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, False, WD_LN_LOOP)
+                                      BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, False)
     # act(a) in the weights' dtype, as every up-projection dot takes it: half the registers of fp32 at 16 bits.
     # Stored now (a GEMM operand, in the weights' dtype): a store after the last pass keeps h live through it
     # (more spills), one after pass 3 made ptxas serialise the wgmma (C7515; bench/triton_aot.py). With this
@@ -415,7 +408,7 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
         # LayerNorm-1 backward needs the row means of g1 = du * w and g1 * uhat, du = da @ Wd. No pass over the
         # row: sum_d du w = da . (Wd w) and sum_d du w uhat = da . ((uhat * w) @ Wdᵀ) = da . (a - bd - Wd b),
         # the pre-activation a already holding (uhat * w + b) @ Wdᵀ + bd. cw = Wd w, cb = Wd b re-read here (two
-        # r-vectors, L2 hits): kept live from pass 1 they cost ~130 B more spill and serialised the wgmma (C7515)
+        # r-vectors, L2 hits): kept live from pass 1 they cost ~130 B more spill
         cw = tl.load(CWB + rr)
         cb = tl.load(CWB + BLOCK_R + rr)
         bd = tl.load(BD + rr, mask=qmask, other=0.0).to(CDT)
@@ -578,15 +571,9 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
         _wd_ln(w_down, ln_weight, ln_bias, br, x) if pre_ln else dummy, y,
         z_out if z_out is not None else dummy, m, d, r, *_scalar_args(x, scaling, eps), BLOCK_M=bm, BLOCK_K=bk,
         BLOCK_R=br, ACT=ACT_IDS[activation], HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln,
-        num_warps=warps, num_stages=_stages(x, res), WRITE_Z=z_out is not None, WD_LN_LOOP=wd_ln_loop(),
+        num_warps=warps, num_stages=_stages(x, res), WRITE_Z=z_out is not None,
         **_flags(x, w_down))
     return y
-
-
-def wd_ln_loop() -> bool:
-    """EFFIR_ADAPTER_WDLN (timing knob, "load" by default): "loop" has the first pass over each row block take
-    Wd w, Wd b in a walk of its own over Wd (as up to session 7) instead of reading `_wd_ln_kernel`'s CWB."""
-    return env_choice("EFFIR_ADAPTER_WDLN", ("load", "loop"), "load") == "loop"
 
 
 def _wd_ln(w_down, ln_weight, ln_bias, block_r: int, x) -> torch.Tensor:
@@ -648,8 +635,7 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
         _wd_ln(w_down, ln_weight, ln_bias, br, x) if pre_ln else dummy, dx,
         dres if has_res else dummy, hbuf, dabuf, dv, u, pcol, m, d, r, pcol_w, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
-        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z,
-        WD_LN_LOOP=wd_ln_loop(), **flags)
+        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z, **flags)
     grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln and not u_from_z else None, hbuf, dabuf, pcol,
                               scaling, (ln_weight, ln_bias) if u_from_z else None)
     # the vectors are slices of one sum: each becomes a tensor of its own (outputs must not alias), in the cast

@@ -194,9 +194,9 @@ def _adapterhub_fn(variant, d, r, act, scaling, dtype=torch.bfloat16):
 
 # design knobs timed at the target shape: EFFIR_ADAPTER_TILE = rows x chunk width x warps, or "fwd/bwd" tiles for
 # the two kernels (the defaults, kernels/bottleneck_adapter._TILE_16BIT, come from run 4's sweep), or "NAME=value"
-# for another knob. Run 7 swept the row-backward tiles again after u stopped being written (64x64x4 stayed best);
-# now: Wd w / Wd b read from a per-call kernel's output (default) or walked per row block (EFFIR_ADAPTER_WDLN=loop)
-TILES = {"ln_pre": ("EFFIR_ADAPTER_WDLN=loop", "32x128x4/128x64x8"),
+# for another knob. Runs 7 and 8 swept the row-backward tiles again after u stopped being written and Wd w / Wd b
+# came from a kernel of their own (64x64x4 stayed best, 128x64x8 next)
+TILES = {"ln_pre": ("32x128x4/128x64x8", "32x128x4/32x64x4"),
          "ln": ()}  # seq_bn is the issue's target
 
 
