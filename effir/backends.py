@@ -10,15 +10,17 @@ Backends per op:
   B = N = 32768, d = 768, 59.9% of the card's measured bf16 matmul rate, against 354 ms for the extension
   (run 1; its mma.sync kernels are unpipelined);
 - adapter followed by residual + LayerNorm on a GPU ("adapter_ln": the seq_bn / Pfeiffer and Houlsby / parallel
-  placements), 16-bit inputs: "triton". Run 5, 65536 tokens, d = 768, r = 48, bf16: seq_bn 1.10 ms against 1.34
-  (plain autograd), 1.57 (AdapterHub), 1.66 (torch.compile), with a third of the saved activations; post-LN 0.93
-  against 1.07. fp32 inputs, and the mix autocast training hands it (bf16 h and adapter weights, fp32 residual
-  stream and LayerNorm, which the Triton kernels take as it is): "reference", until timed;
+  placements), 16-bit inputs: "triton". Run 8, 65536 tokens, d = 768, r = 48, bf16: seq_bn 1.04 ms against 1.34
+  (plain autograd), 1.57 (AdapterHub), 1.65 (torch.compile), with a third of the saved activations; post-LN 0.90
+  against 1.07. The mix autocast training hands it (bf16 h and adapter weights, fp32 residual stream and
+  LayerNorm, which the Triton kernels take as it is): "reference", measured faster there (runs 6-8: 2.45 ms
+  against 2.85-3.11 for the fused op; the fused op saves ~13% of a train step's peak memory). fp32 inputs:
+  "reference", untimed;
 - plain adapter on a GPU ("adapter"): "reference" (plain autograd): the fused kernel has not been timed on a GPU
   since its tiles were retuned (run 1: slower than plain autograd);
 - on CPU the pure-PyTorch memory-lean path ("chunked" / "recompute"). A GPU run that has to fall back warns and
   names the missing piece; an explicitly requested backend that cannot run raises.
-The fused ops cost more host time per call than plain autograd (run 5: ~2.5 ms of Python, launches and
+The fused ops cost more host time per call than plain autograd (runs 5-8: ~2.1-2.5 ms of Python, launches and
 allocations per seq_bn forward + backward in the lent VM, against ~1.1 ms): invisible when the GPU has
 work queued, as in a training step of a large batch, visible at a few thousand tokens per call.
 """
@@ -86,9 +88,9 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
             if op == "adapter":  # measured fastest on an H100 (module docstring); a choice, not a fallback
                 return "reference"
             if op == "adapter_ln" and dtype not in (torch.bfloat16, torch.float16):
-                # only 16-bit inputs were timed. Under autocast a BERT layer hands the op a bf16 sub-block output
-                # and an fp32 residual (dtype: fp32, the computation's); the fused kernels take that mix as it is
-                # (bf16 tensor-core dots, fp32 LayerNorms) but were not timed on it yet: a choice, not a fallback
+                # Under autocast a BERT layer hands the op a bf16 sub-block output and an fp32 residual (dtype:
+                # fp32, the computation's); the fused kernels take that mix as it is but measured slower than plain
+                # autograd there (H100 runs 6-8); fp32 itself is untimed: a choice, not a fallback
                 return "reference"
             if op == "adapter_ln" and not triton_runs_on(device):
                 warnings.warn(f"effir: Triton is not installed; the fused adapter + LayerNorm on {device} falls "
