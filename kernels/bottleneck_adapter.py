@@ -28,8 +28,9 @@ Backward, no atomics, deterministic:
      sum, and (Pfeiffer in fp32 / fp64 or autocast's mix only) u = LN(z).
   2. dW_up = s (dvᵀ h) and dW_down = daᵀ u as two GEMMs (cuBLAS) over what the row kernel wrote, the block sums
      reduced in a fixed order. 16-bit Pfeiffer takes dW_down from z itself, (qᵀ z - Σ q mean1) ∘ w + (Σ da) ⊗ b
-     with q = da rstd1: the GEMM reads z instead of a u written for it. A parameter-gradient kernel that re-read x and dy per d-chunk and reduced in
-     registers, one partial per row split (EFFIR_ADAPTER_PARAMS=kernel), was measured slower on the H100 (run 3,
+     with q = da rstd1: the GEMM reads z instead of a u written for it (H100 run 7: row kernel 644 -> 624 us).
+     A parameter-gradient kernel that re-read x and dy per d-chunk and reduced in registers, one partial per
+     row split (EFFIR_ADAPTER_PARAMS=kernel), was measured slower on the H100 (run 3,
      bench/results/gpu_h100_2026-11-27_run3, seq_bn at 65536 tokens, d = 768: 2.19 ms against 1.66 ms with the
      GEMMs) and removed.
 A two-pass design that took v's statistics and the gradient through the post-LayerNorm from sums of the first

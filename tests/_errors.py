@@ -10,6 +10,9 @@ import torch
 
 FACTOR = 4.0  # headroom for a different (but equally valid) summation order
 _ULPS = 8.0
+# 16-bit: torch's own error is rarely below an ulp there, and 8 ulps of bf16 (6%, so a 25% error passed) hid
+# real mistakes: a seq_bn dW_down with its mean term 5% off passed. The whole suite passes at 1 ulp (session 8)
+_ULPS_16BIT = 2.0
 
 
 def rel_err(x: torch.Tensor, ref64: torch.Tensor) -> float:
@@ -18,6 +21,12 @@ def rel_err(x: torch.Tensor, ref64: torch.Tensor) -> float:
     ref64 = ref64.detach().to(torch.float64)
     denom = ref64.norm().clamp_min(torch.finfo(torch.float64).tiny)
     return float((x - ref64).norm() / denom)
+
+
+def error_bound(err_torch: float, dtype: torch.dtype, cond: float = 1.0, factor: float = FACTOR) -> float:
+    """The largest relative error the rule allows: factor * max(torch's own error, a few ulps of dtype * cond)."""
+    ulps = _ULPS_16BIT if dtype in (torch.float16, torch.bfloat16) else _ULPS
+    return factor * max(err_torch, ulps * torch.finfo(dtype).eps * max(1.0, cond))
 
 
 def assert_no_worse_than_torch(
@@ -38,9 +47,8 @@ def assert_no_worse_than_torch(
     assert torch.isfinite(out.detach().to(torch.float64)).all(), f"{name}: non-finite values"
     err = rel_err(out, ref64)
     err_torch = rel_err(torch_same_dtype, ref64)
-    floor = _ULPS * torch.finfo(dtype).eps * max(1.0, cond)
-    bound = factor * max(err_torch, floor)
+    bound = error_bound(err_torch, dtype, cond, factor)
     assert err <= bound, (
-        f"{name}: rel. error {err:.3e} vs float64 exceeds {factor} x max(torch's own {dtype} error "
-        f"{err_torch:.3e}, floor {floor:.1e})"
+        f"{name}: rel. error {err:.3e} vs float64 exceeds {bound:.3e} = {factor} x max(torch's own {dtype} error "
+        f"{err_torch:.3e}, a few ulps)"
     )

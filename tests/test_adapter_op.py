@@ -228,6 +228,31 @@ def test_frozen_layernorm_params_get_no_grad(backend, ln_before, monkeypatch):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_triton_frozen_layernorm_bf16_dw_down_from_z():
+    """16-bit seq_bn takes dW_down from z (no u written) with the frozen LayerNorm's weight and bias: with the
+    LayerNorm frozen (its column sums skipped) the adapter's gradients still match float64 within the rule, on
+    rows far off zero where qᵀ z and Σ q mean1 cancel most."""
+    p = make_inputs((3, 53), 200, 24, seed=41)
+    for n in ("x", "res"):
+        p[n] = p[n] + 3.0 + 0.5 * torch.randn(3, 53, 1, dtype=torch.float64,
+                                               generator=torch.Generator().manual_seed(43))
+    dy = torch.randn(3, 53, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(47))
+
+    def grads(dtype, backend):
+        h, t = (p[n].to(dtype).requires_grad_() for n in ("x", "res"))
+        ws = [p[n].to(dtype).requires_grad_() for n in ("w_down", "b_down", "w_up", "b_up")]
+        lw, lb = p["ln_weight"].to(dtype), p["ln_bias"].to(dtype)
+        kw = dict(activation="gelu", scaling=0.7, original_ln_before=True)
+        y = (effir.bottleneck_adapter_layernorm(h, t, *ws, lw, lb, **kw, backend=backend) if backend
+             else bottleneck_adapter_layernorm_reference(h, t, *ws, lw, lb, **kw))
+        return torch.autograd.grad(y, [h, *ws], dy.to(dtype))
+
+    got, ref, same = grads(torch.bfloat16, "triton"), grads(torch.float64, None), grads(torch.bfloat16, None)
+    for n, a, b, c in zip(["h", "w_down", "b_down", "w_up", "b_up"], got, ref, same):
+        assert a.dtype == torch.bfloat16
+        assert_no_worse_than_torch(f"frozen-LN bf16 d{n}", a, b, c, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_triton_param_gradients(dtype, variant):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from bench.gpu._timing import env_vars, graph_ms, kernel_breakdown, queued_ms
-from tests._errors import _ULPS, FACTOR, rel_err
+from tests._errors import error_bound, rel_err
 
 from effir.backends import available_backends
 from effir.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapter_layernorm
@@ -106,9 +106,8 @@ def correctness(backends, quick, deadline):
         for be, env in designs:
             with env_vars(**env):
                 got = _grads(_fn(variant, be.split("-")[0], act), p, variant)
-            floor = _ULPS * torch.finfo(dtype).eps
             errs = [rel_err(g, r_) for g, r_ in zip(got, ref)]
-            bounds = [FACTOR * max(rel_err(s, r_), floor) for s, r_ in zip(same, ref)]
+            bounds = [error_bound(rel_err(s, r_), dtype) for s, r_ in zip(same, ref)]
             rows.append({"backend": be, "dtype": str(dtype), "variant": variant, "act": act, "inputs": how or "",
                          "M": m, "d": d, "r": r, "max_err": max(errs),
                          "ok": all(e <= b for e, b in zip(errs, bounds)),

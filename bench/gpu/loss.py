@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.gpu._timing import env_vars
-from tests._errors import _ULPS, FACTOR, rel_err
+from tests._errors import error_bound, rel_err
 
 from effir.backends import available_backends
 from effir.losses import info_nce
@@ -85,7 +85,6 @@ def correctness(backends, quick, deadline):
 
         want = _loss_grads(ref, q.double(), p.double(), neg.double(), TEMPERATURE)
         same = _loss_grads(ref, q, p, neg, TEMPERATURE)
-        floor = _ULPS * torch.finfo(dtype).eps
         variants = [(be, be, {}) for be in backends]  # (label, backend, env knobs)
         rows_, cols_ = block_shape(B, B + M, d)
         if "triton" in backends and (B > rows_ or B + M > cols_):  # several dS blocks: every GEMM step,
@@ -98,7 +97,7 @@ def correctness(backends, quick, deadline):
                     got = _loss_grads(lambda q, p, n, t: info_nce(q, p, n, temperature=t, backend=be, **kw),
                                       q, p, neg, TEMPERATURE)
                 errs = [rel_err(a, b) for a, b in zip(got, want)]
-                bounds = [FACTOR * max(rel_err(s, b), floor) for s, b in zip(same, want)]
+                bounds = [error_bound(rel_err(s, b), dtype) for s, b in zip(same, want)]
                 rows.append({"backend": label,
                              "B": B, "M": M, "d": d, "dtype": str(dtype), "symmetric": sym,
                              "groups": sym, "names": ["loss", "dq", "dp", "dneg", "dt"], "errs": errs,
