@@ -344,14 +344,15 @@ def _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R,
 
 
 @triton.jit
-def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, DABUF, DV, U, PCOL,
+def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, DABUF, ABUF, DV, U, PCOL,
                      M, D, R, PCOL_W, SC, scaling, eps,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                      HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                     CDT: tl.constexpr, LN_GRADS: tl.constexpr, U_FROM_Z: tl.constexpr):
+                     CDT: tl.constexpr, LN_GRADS: tl.constexpr, U_FROM_Z: tl.constexpr, A_SCRATCH: tl.constexpr):
     """PCOL: (blocks, PCOL_W) per-row-block column sums (see `fused_adapter_bwd`). U_FROM_Z (Pfeiffer, 16-bit):
     u = LN(z) is not written; DABUF takes q = da * rstd1 instead of da, and PCOL's last R columns sum q * mean1,
-    from which the dW_down GEMM runs over z itself (`_param_grads_gemm`)."""
+    from which the dW_down GEMM runs over z itself (`_param_grads_gemm`). A_SCRATCH (`a_scratch`): the
+    pre-activation waits in ABUF (M, R) in CDT between pass 1 and its use after pass 3."""
     scaling, eps = _scalars(SC, scaling, eps, CDT)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -369,6 +370,8 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
     roffs = rows[:, None].to(tl.int64) * R + rr[None, :]
     rqmask = rmask[:, None] & qmask[None, :]
     tl.store(HBUF + roffs, h.to(HBUF.dtype.element_ty), mask=rqmask)
+    if A_SCRATCH:  # a parked in global memory (L2) over passes 2-3 instead of 32 registers a thread at 64 x 64
+        tl.store(ABUF + roffs, a, mask=rqmask)
     mean2 = tl.zeros((BLOCK_M,), dtype=CDT)
     rstd2 = mean2
     c1 = mean2
@@ -402,6 +405,9 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
                 lb += tl.sum(dy, axis=0)
             tl.store(pcol + D, lw, mask=cmask)
             tl.store(pcol + 2 * D, lb, mask=cmask)
+    if A_SCRATCH:  # other threads of this program may have stored these elements (layouts differ): a barrier
+        tl.debug_barrier()
+        a = tl.load(ABUF + roffs, mask=rqmask, other=0.0)
     da = dh * _act_grad(a, ACT)
     e1 = tl.zeros((BLOCK_M,), dtype=CDT)
     e2 = e1
@@ -577,6 +583,14 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
     return y
 
 
+def a_scratch() -> bool:
+    """EFFIR_ADAPTER_A_SCRATCH ("0" by default; untimed): "1" has the row-gradient kernel park its (BLOCK_M,
+    BLOCK_R) fp32 pre-activation in an (M, r) scratch over passes 2-3 instead of registers. On sm_90 that cuts
+    the 16-bit seq_bn relu kernel's spill from 344 to 56 B a thread (bench/triton_aot.py), for 2 x M r x 4 bytes
+    of (mostly L2) traffic; whether it is faster is for the next GPU run (bench/gpu/adapter.py TILES)."""
+    return env_choice("EFFIR_ADAPTER_A_SCRATCH", ("0", "1"), "0") == "1"
+
+
 def _wd_ln(w_down, ln_weight, ln_bias, block_r: int, x) -> torch.Tensor:
     """[Wd w | Wd b] (2 block_r,) in x's compute dtype (`_wd_ln_kernel`): one single-program launch per call."""
     cwb = torch.empty(2 * block_r, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
@@ -630,13 +644,15 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     # per row block: column sums [s*dv (d) | LN weight (d) | LN bias (d) | da (r) | (u_from_z) q mean1 (r)],
     # reduced by one sum below
     pcol_w = 3 * d + (2 * r if u_from_z else r)
+    a_scr = a_scratch()
     pcol = torch.empty((n_blocks, pcol_w), dtype=cdt, device=dev)
     _bwd_rows_kernel[(n_blocks,)](
         dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb,
         _wd_ln(w_down, ln_weight, ln_bias, br, x) if pre_ln else dummy, dx,
-        dres if has_res else dummy, hbuf, dabuf, dv, u, pcol, m, d, r, pcol_w, *sc,
+        dres if has_res else dummy, hbuf, dabuf, torch.empty((m, r), dtype=cdt, device=dev) if a_scr else dummy,
+        dv, u, pcol, m, d, r, pcol_w, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
-        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z, **flags)
+        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z, A_SCRATCH=a_scr, **flags)
     grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln and not u_from_z else None, hbuf, dabuf, pcol,
                               scaling, (ln_weight, ln_bias) if u_from_z else None)
     # the vectors are slices of one sum: each becomes a tensor of its own (outputs must not alias), in the cast

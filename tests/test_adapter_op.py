@@ -253,6 +253,15 @@ def test_triton_frozen_layernorm_bf16_dw_down_from_z():
         assert_no_worse_than_torch(f"frozen-LN bf16 d{n}", a, b, c, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_a_scratch(dtype, variant, monkeypatch):
+    """EFFIR_ADAPTER_A_SCRATCH=1: the row kernel parks its pre-activation in memory over passes 2-3; the same
+    results as from registers, every variant and dtype, several row blocks (stored and read per block)."""
+    monkeypatch.setenv("EFFIR_ADAPTER_A_SCRATCH", "1")
+    check_all(variant, make_inputs((157,), 200, 24, seed=19), dtype, "triton", "silu")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_triton_param_gradients(dtype, variant):

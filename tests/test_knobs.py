@@ -14,6 +14,7 @@ KNOBS = [
     ("EFFIR_TRITON_DS_BLOCK", "3", loss.ds_block_factor, 2),
     ("EFFIR_ADAPTER_TILE", "48x64x8", lambda: adapter._tile("fwd", 768, 48, torch.bfloat16), (32, 128, 64, 4)),
     ("EFFIR_ADAPTER_BWD_TILE", "64x64", lambda: adapter._tile("bwd", 768, 48, torch.bfloat16), (64, 64, 64, 4)),
+    ("EFFIR_ADAPTER_A_SCRATCH", "yes", adapter.a_scratch, False),
 ]
 
 

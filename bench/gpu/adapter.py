@@ -194,8 +194,9 @@ def _adapterhub_fn(variant, d, r, act, scaling, dtype=torch.bfloat16):
 # design knobs timed at the target shape: EFFIR_ADAPTER_TILE = rows x chunk width x warps, or "fwd/bwd" tiles for
 # the two kernels (the defaults, kernels/bottleneck_adapter._TILE_16BIT, come from run 4's sweep), or "NAME=value"
 # for another knob. Runs 7 and 8 swept the row-backward tiles again after u stopped being written and Wd w / Wd b
-# came from a kernel of their own (64x64x4 stayed best, 128x64x8 next)
-TILES = {"ln_pre": ("32x128x4/128x64x8", "32x128x4/32x64x4"),
+# came from a kernel of their own (64x64x4 stayed best, 128x64x8 next). Untimed: the row kernel's pre-activation
+# parked in memory over passes 2-3 (EFFIR_ADAPTER_A_SCRATCH=1: sm_90 spill 344 -> 56 B a thread)
+TILES = {"ln_pre": ("EFFIR_ADAPTER_A_SCRATCH=1", "32x128x4/128x64x8"),
          "ln": ()}  # seq_bn is the issue's target
 
 
