@@ -326,11 +326,14 @@ def timings(backends, quick, copy_bps, deadline, rows=None):
         tiled = [row for row in rows if row["variant"] == variant and row["M"] == m and row["d"] == d
                  and row["method"].startswith("effir_triton") and "fwd_us" in row]
         if len(tiled) >= 2 and time.time() < deadline:
-            # the best tile of each kernel by its own GPU time (the profiler's), then both together
+            # the best tile of each kernel by its own GPU time (the profiler's), then both together; the fastest
+            # row backward's other knobs (not tiles: EFFIR_ADAPTER_A_SCRATCH) come along with its tile
+            best_bwd = min(tiled, key=lambda row: row["bwd_us"])["env"]
             fwd = _tile_of(min(tiled, key=lambda row: row["fwd_us"])["env"], "fwd")
-            bwd = _tile_of(min(tiled, key=lambda row: row["bwd_us"])["env"], "bwd")
+            bwd = _tile_of(best_bwd, "bwd")
             env = {k: v for k, v in (("EFFIR_ADAPTER_FWD_TILE", fwd), ("EFFIR_ADAPTER_BWD_TILE", bwd))
                    if v != "default"}
+            env |= {k: v for k, v in best_bwd.items() if not k.endswith("_TILE")}
             row = _time_one(variant, "effir_triton_best", methods["effir_triton"], env, leaves, p, hub, m, d, r,
                             quick, copy_bps, breakdown=True, saved=False)
             row["tiles"] = {"fwd": fwd, "bwd": bwd}
