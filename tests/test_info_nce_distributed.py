@@ -2,6 +2,8 @@
 single-process computation over the global batch, and positives / negatives stay aligned with their queries."""
 import os
 import socket
+import warnings
+from datetime import timedelta
 
 import pytest
 import torch
@@ -27,18 +29,27 @@ def _global_inputs():
     return q, p, n, qg, ng
 
 
-def _worker(rank, port, configs, errors):
+def _worker(rank, port, configs, reports):
+    """Reports ("stage", rank, what) as it goes and ("ok", rank, "") once every check passed, so the parent can
+    tell a failed check from a crash, and where a crash happened."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    reports.put(("stage", rank, "initialised"))
     try:
         for backend, symmetric in configs:
             _check_rank(rank, backend, symmetric)
+            reports.put(("stage", rank, f"checked {backend} symmetric={symmetric}"))
+        reports.put(("ok", rank, ""))
     except Exception as exc:  # report to the parent; an exception in a spawned worker is otherwise terse
         import traceback
 
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        reports.put(("error", rank, traceback.format_exc()))
         raise exc
     finally:
+        # both ranks leave their last collective before either tears the group down: a rank whose peer had
+        # already closed its gloo connections could abort in C++ ("terminate called without an active exception")
+        dist.barrier()
+        reports.put(("stage", rank, "tearing down"))
         dist.destroy_process_group()
 
 
@@ -86,14 +97,26 @@ def test_gather_matches_global_batch():
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
     ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
+    reports = ctx.SimpleQueue()
+    crash = None
     try:
-        mp.spawn(_worker, args=(_free_port(), CONFIGS, errors), nprocs=WORLD, join=True)
-    except Exception:
-        msgs = []
-        while not errors.empty():
-            msgs.append(errors.get())
-        pytest.fail("\n".join(msgs) or "a worker failed")
+        mp.spawn(_worker, args=(_free_port(), CONFIGS, reports), nprocs=WORLD, join=True)
+    except Exception as exc:
+        crash = exc
+    got = []
+    while not reports.empty():
+        got.append(reports.get())
+    errors = [f"rank {r}: {msg}" for kind, r, msg in got if kind == "error"]
+    assert not errors, "\n".join(errors)
+    passed = {r for kind, r, _ in got if kind == "ok"}
+    if crash is not None:
+        last = {r: msg for kind, r, msg in got if kind == "stage"}
+        if passed == set(range(WORLD)) and all(last.get(r) == "tearing down" for r in range(WORLD)):
+            # every check passed on every rank; only gloo's teardown in C++ failed: not what this test checks
+            warnings.warn(f"gloo process-group teardown crashed after all checks passed: {crash}", RuntimeWarning)
+            return
+        pytest.fail(f"a worker crashed ({crash}); last stage per rank: {last}")
+    assert passed == set(range(WORLD)), f"ranks that finished their checks: {sorted(passed)}"
 
 
 def test_gather_without_process_group_is_local():
