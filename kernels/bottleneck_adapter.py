@@ -364,8 +364,7 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
                                       BLOCK_R, ACT, HAS_RES, PRE_LN, CDT, IEEE, False)
     # act(a) in the weights' dtype, as every up-projection dot takes it: half the registers of fp32 at 16 bits.
     # Stored now (a GEMM operand, in the weights' dtype): a store after the last pass keeps h live through it
-    # (more spills), one after pass 3 made ptxas serialise the wgmma (C7515; bench/triton_aot.py). With this
-    # order only the relu Pfeiffer variant spills on sm_90, 24 B
+    # (more spills), one after pass 3 made ptxas serialise the wgmma (C7515; bench/triton_aot.py)
     h = h.to(WU.dtype.element_ty)
     roffs = rows[:, None].to(tl.int64) * R + rr[None, :]
     rqmask = rmask[:, None] & qmask[None, :]

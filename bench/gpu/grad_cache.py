@@ -150,7 +150,7 @@ def _timing(dev, pairs: int, minis, reps: int = 3) -> dict:
     from effir.encoders import random_encoder
     from effir.grad_cache import dual_encoder_backward
 
-    from bench.gpu._timing import env_vars, median_ms
+    from bench.gpu._timing import median_ms
 
     enc = random_encoder("xlm-roberta-base", tokenizer=None, device=dev)
     effir.add_adapters(enc.model, "seq_bn")
@@ -169,10 +169,8 @@ def _timing(dev, pairs: int, minis, reps: int = 3) -> dict:
     adapters = [m for m in enc.model.modules() if isinstance(m, effir.BottleneckAdapter)]
     # the whole batch also with the adapters on the fused Triton op: autocast's mix (bf16 h, fp32 residual stream),
     # against `auto` (plain autograd for that mix: run 6 measured it 12% faster here, at 13% more peak memory)
-    runs = [(mini, "auto", {}) for mini in minis]
-    if None in minis:
-        runs += [(None, "triton", {})]
-    for mini, adapter_backend, env in runs:
+    runs = [(mini, "auto") for mini in minis] + ([(None, "triton")] if None in minis else [])
+    for mini, adapter_backend in runs:
         for m in adapters:
             m.backend = adapter_backend
 
@@ -186,13 +184,12 @@ def _timing(dev, pairs: int, minis, reps: int = 3) -> dict:
             else:
                 dual_encoder_backward(enc, loss_fn, q, p, groups, mini, dev, autocast=amp)
 
-        row = {"mini_batch_size": mini, "adapter_backend": adapter_backend, "env": env}
+        row = {"mini_batch_size": mini, "adapter_backend": adapter_backend}
         try:
-            with env_vars(**env):
-                step()  # warm-up (Triton compiles)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats(dev)
-                ms = median_ms(step, warmup=0, reps=reps)
+            step()  # warm-up (Triton compiles)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(dev)
+            ms = median_ms(step, warmup=0, reps=reps)
             rows.append(row | {"ms": ms, "tokens_per_s": tokens / ms * 1e3,
                                "peak_gib_above_weights": (torch.cuda.max_memory_allocated(dev) - base) / 2**30})
         except torch.cuda.OutOfMemoryError as exc:
