@@ -116,10 +116,16 @@ def _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN: tl.constexpr, 
     if PRE_LN:
         w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
         b = tl.load(LNB + cols, mask=cols < D, other=0.0).to(CDT)
-        uhat = tl.where(mask, (z - mean1[:, None]) * rstd1[:, None], 0.0)
-        return uhat * w[None, :] + tl.where(mask, b[None, :], 0.0), uhat
+        return _u_from(z, w, b, mask, mean1, rstd1)
     else:
         return x, x
+
+
+@triton.jit
+def _u_from(z, w, b, mask, mean1, rstd1):
+    """(u, uhat) = (LN(z), (z - mean1) rstd1) of a chunk from its LayerNorm weight / bias chunk (zero outside)."""
+    uhat = tl.where(mask, (z - mean1[:, None]) * rstd1[:, None], 0.0)
+    return uhat * w[None, :] + tl.where(mask, b[None, :], 0.0), uhat
 
 
 @triton.jit
@@ -127,8 +133,28 @@ def _v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT: tl.constexpr, IEE
     """v chunk = z + scaling * (h @ Wuᵀ + bu) over the chunk's columns (zero outside)."""
     wut = tl.load(WU + cols[None, :] * R + rr[:, None], mask=(cols < D)[None, :] & (rr < R)[:, None], other=0.0)
     bu = tl.load(BU + cols, mask=cols < D, other=0.0).to(CDT)
+    return _v_from(z, h, wut, bu, mask, scaling, CDT, IEEE)
+
+
+@triton.jit
+def _v_from(z, h, wut, bu, mask, scaling, CDT: tl.constexpr, IEEE: tl.constexpr):
+    """v = z + scaling * (h @ wut + bu) from the chunk's (BLOCK_R, BLOCK_K) Wuᵀ and bu (CDT) already loaded."""
     p = _mm(h.to(wut.dtype), wut, IEEE).to(CDT) + bu[None, :]
     return tl.where(mask, z + scaling * p, 0.0)
+
+
+@triton.jit
+def _dv_from(dy, v, w, mask, mean2, rstd2, c1, c2):
+    """(dv, vhat): the gradient reaching v through the post-LayerNorm (weight chunk w) given the row statistics
+    and the row means c1 = mean(dy w), c2 = mean(dy w vhat) (`_post_stats_bwd`)."""
+    vhat = tl.where(mask, (v - mean2[:, None]) * rstd2[:, None], 0.0)
+    return tl.where(mask, (dy * w[None, :] - c1[:, None] - vhat * c2[:, None]) * rstd2[:, None], 0.0), vhat
+
+
+@triton.jit
+def _dz_pre(dv, du, uhat, w, mask, e1, e2, rstd1):
+    """dz = dv + the LayerNorm-1 backward of du = da @ Wd (e1, e2: the row means of du w and du w uhat)."""
+    return dv + tl.where(mask, (du * w[None, :] - e1[:, None] - uhat * e2[:, None]) * rstd1[:, None], 0.0)
 
 
 @triton.jit
@@ -331,28 +357,29 @@ def _write_y(X, RES, WU, BU, LNW, LNB, Y, h, rows, rmask, rr, D, R, scaling, mea
 @triton.jit
 def _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
               POST_LN: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr):
-    """(dv, vhat, g) chunk: the gradient reaching v = z + s*p through the LayerNorm (or dy itself)."""
+    """(dv, vhat) chunk: the gradient reaching v = z + s*p through the LayerNorm (or dy itself)."""
     if POST_LN:
         v = _v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT, IEEE)
-        vhat = tl.where(mask, (v - mean2[:, None]) * rstd2[:, None], 0.0)
         w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
-        g = dy * w[None, :]
-        dv = tl.where(mask, (g - c1[:, None] - vhat * c2[:, None]) * rstd2[:, None], 0.0)
-        return dv, vhat, g
+        return _dv_from(dy, v, w, mask, mean2, rstd2, c1, c2)
     else:
-        return dy, dy, dy
+        return dy, dy
 
 
 @triton.jit
-def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, DABUF, ABUF, DV, U, PCOL,
+def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, DABUF, ABUF, DV, U, PCOL, RSTAT,
                      M, D, R, PCOL_W, SC, scaling, eps,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                      HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                     CDT: tl.constexpr, LN_GRADS: tl.constexpr, U_FROM_Z: tl.constexpr, A_SCRATCH: tl.constexpr):
+                     CDT: tl.constexpr, LN_GRADS: tl.constexpr, U_FROM_Z: tl.constexpr, A_SCRATCH: tl.constexpr,
+                     SPLIT: tl.constexpr):
     """PCOL: (blocks, PCOL_W) per-row-block column sums (see `fused_adapter_bwd`). U_FROM_Z (Pfeiffer, 16-bit):
     u = LN(z) is not written; DABUF takes q = da * rstd1 instead of da, and PCOL's last R columns sum q * mean1,
     from which the dW_down GEMM runs over z itself (`_param_grads_gemm`). A_SCRATCH (`a_scratch`): the
-    pre-activation waits in ABUF (M, R) in CDT between pass 1 and its use after pass 3."""
+    pre-activation waits in ABUF (M, R) in CDT between pass 1 and its use after pass 3.
+    SPLIT (`bwd_design` "split"): passes 1-3 only, nothing d-wide written: act(a) and da (the weights' dtype) to
+    HBUF / DABUF and the row scalars [mean1, rstd1, e1, e2, mean2, rstd2, c1, c2] to RSTAT (8, M) in CDT, from
+    which `_bwd_cols_kernel` takes dx and every parameter gradient (DX, DRES, DV, U, PCOL unused)."""
     scaling, eps = _scalars(SC, scaling, eps, CDT)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -385,18 +412,19 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
     for k0 in range(0, D, BLOCK_K):
         z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
-        dv, vhat, _g = _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
+        dv, vhat = _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
                                  POST_LN, CDT, IEEE)
         wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=(cols < D)[:, None] & qmask[None, :], other=0.0)
         dh += _mm((scaling * dv).to(wu.dtype), wu, IEEE).to(CDT)
-        if POST_LN:
+        if POST_LN and not SPLIT:
             tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
         # this row block's column sums of the bias / LayerNorm gradients (masked rows add exact zeros):
         # [s*dv | LN weight | LN bias]; the pre-LN's share of the last two is added in the last pass
         pcol = PCOL + pid.to(tl.int64) * PCOL_W + cols
         cmask = cols < D
-        tl.store(pcol, tl.sum(scaling * dv, axis=0), mask=cmask)
-        if LN_GRADS and (PRE_LN or POST_LN):
+        if not SPLIT:
+            tl.store(pcol, tl.sum(scaling * dv, axis=0), mask=cmask)
+        if LN_GRADS and (PRE_LN or POST_LN) and not SPLIT:
             lw = tl.zeros((BLOCK_K,), dtype=CDT)
             lb = tl.zeros((BLOCK_K,), dtype=CDT)
             if POST_LN:  # y = vhat * w + b
@@ -421,50 +449,156 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
         e1 = tl.sum(da * cw[None, :], axis=1) / D
         e2 = tl.sum(da * (a - bd[None, :] - cb[None, :]), axis=1) / D
     da = da.to(WD.dtype.element_ty)  # what the dot below takes: half the registers of fp32 at 16 bits
-    # the stores above are read back below by other threads of this program
-    tl.debug_barrier()
-    for k0 in range(0, D, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = rmask[:, None] & (cols < D)[None, :]
-        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-        if POST_LN:  # dv as stored: the value dres (Houlsby) and the dW_up GEMM see
-            dv = tl.load(DV + offs, mask=mask, other=0.0).to(CDT)
+    if SPLIT:
+        tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
+        st = RSTAT + rows  # (8, M): each scalar's rows contiguous, coalesced for both kernels
+        tl.store(st, mean1, mask=rmask)
+        tl.store(st + M, rstd1, mask=rmask)
+        tl.store(st + 2 * M, e1, mask=rmask)
+        tl.store(st + 3 * M, e2, mask=rmask)
+        tl.store(st + 4 * M, mean2, mask=rmask)
+        tl.store(st + 5 * M, rstd2, mask=rmask)
+        tl.store(st + 6 * M, c1, mask=rmask)
+        tl.store(st + 7 * M, c2, mask=rmask)
+    else:
+        # the stores above are read back below by other threads of this program
+        tl.debug_barrier()
+        for k0 in range(0, D, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = rmask[:, None] & (cols < D)[None, :]
+            offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+            if POST_LN:  # dv as stored: the value dres (Houlsby) and the dW_up GEMM see
+                dv = tl.load(DV + offs, mask=mask, other=0.0).to(CDT)
+            else:
+                dv = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
+            wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :],
+                         other=0.0)
+            du = _mm(da, wd, IEEE).to(CDT)
+            if PRE_LN:
+                z, x, _c, _m, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
+                u, uhat = _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN, CDT)
+                w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
+                dz = _dz_pre(dv, du, uhat, w, mask, e1, e2, rstd1)
+                tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
+                if HAS_RES:
+                    tl.store(DRES + offs, dz.to(DRES.dtype.element_ty), mask=mask)
+                if not U_FROM_Z:
+                    tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)  # the dW_down GEMM's operand
+                if LN_GRADS:  # u = uhat * w + b, the same LayerNorm: add its share to pass 3's sums
+                    pcol = PCOL + pid.to(tl.int64) * PCOL_W + cols
+                    cmask = cols < D
+                    tl.store(pcol + D, tl.load(pcol + D, mask=cmask, other=0.0) + tl.sum(du * uhat, axis=0),
+                             mask=cmask)
+                    tl.store(pcol + 2 * D, tl.load(pcol + 2 * D, mask=cmask, other=0.0) + tl.sum(du, axis=0),
+                             mask=cmask)
+            else:
+                tl.store(DX + offs, (dv + du).to(DX.dtype.element_ty), mask=mask)  # Houlsby: dres = dv is stored
+        # this row block's column sums of da as rounded (db_down), after the three d-wide ones
+        tl.store(PCOL + pid.to(tl.int64) * PCOL_W + 3 * D + rr,
+                 tl.sum(tl.where(rqmask, da.to(DABUF.dtype.element_ty).to(CDT), 0.0), axis=0), mask=qmask)
+        if U_FROM_Z:
+            # dW_down = daᵀ u with u = (z - mean1) rstd1 w + b, as (qᵀ z - Σ q mean1) w + (Σ da) b, q = da rstd1:
+            # the GEMM reads the z it has anyway instead of a u written here (M d 16-bit bytes less). The sum takes
+            # q as stored, so the GEMM's qᵀ z and it cancel exactly what they share
+            q = (da.to(CDT) * rstd1[:, None]).to(DABUF.dtype.element_ty)
+            tl.store(DABUF + roffs, q, mask=rqmask)
+            tl.store(PCOL + pid.to(tl.int64) * PCOL_W + 3 * D + R + rr,
+                     tl.sum(tl.where(rqmask, q.to(CDT) * mean1[:, None], 0.0), axis=0), mask=qmask)
         else:
-            dv = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
-        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :], other=0.0)
+            tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
+
+
+@triton.jit
+def _bwd_cols_kernel(DY, X, RES, WD, WU, BU, LNW, LNB, HBUF, DABUF, RSTAT, DX, DRES, PART,
+                     M, D, R, ROWS_PER_PROG, PART_W, SC, scaling, eps,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, HAS_RES: tl.constexpr,
+                     PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr, CDT: tl.constexpr,
+                     LN_GRADS: tl.constexpr, DV_WIDE: tl.constexpr):
+    """The split backward's second kernel: program (j, s) owns the d-chunk j of the rows [s ROWS_PER_PROG,
+    (s + 1) ROWS_PER_PROG) and walks them BLOCK_M at a time, one pass, nothing recomputed across the row: with
+    the row scalars RSTAT, act(a) (HBUF) and da (DABUF) from `_bwd_rows_kernel` (SPLIT) each tile is complete, so
+    it reads x (and res) and dy once and writes dx (and dres) once. The parameter gradients of its chunk
+    accumulate on chip over its rows, dW_up[j] += (dv)ᵀ h and dW_down[:, j] += daᵀ u as tensor-core dots (dv and
+    u rounded to the weights' dtype, as the GEMMs of the default design and torch's autograd take them), with
+    the column sums; at the end one row of PART (splits, PART_W) = [s dW_up (D, R) | dW_down (R, D) | s Σdv (D) |
+    LN weight (D) | LN bias (D) | Σda (R, chunk 0 only)], reduced over splits by one sum: no atomics, no GEMM
+    re-reading d-wide scratch. DV_WIDE (Houlsby in autocast's mix): dv keeps the residual's fp32 in dW_up."""
+    scaling, eps = _scalars(SC, scaling, eps, CDT)
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    cmask = cols < D
+    rr = tl.arange(0, BLOCK_R)
+    qmask = rr < R
+    wq = qmask[:, None] & cmask[None, :]
+    # the chunk's weights, loaded once for all the program's rows
+    wut = tl.load(WU + cols[None, :] * R + rr[:, None], mask=wq, other=0.0)  # Wuᵀ (BLOCK_R, BLOCK_K)
+    wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=wq, other=0.0)  # Wd (BLOCK_R, BLOCK_K)
+    bu = tl.load(BU + cols, mask=cmask, other=0.0).to(CDT)
+    lw = tl.zeros((BLOCK_K,), dtype=CDT)
+    lb = lw
+    if PRE_LN or POST_LN:
+        lw = tl.load(LNW + cols, mask=cmask, other=0.0).to(CDT)
+        lb = tl.load(LNB + cols, mask=cmask, other=0.0).to(CDT)
+    acc_wu = tl.zeros((BLOCK_K, BLOCK_R), dtype=CDT)
+    acc_wd = tl.zeros((BLOCK_R, BLOCK_K), dtype=CDT)
+    s_dv = tl.zeros((BLOCK_K,), dtype=CDT)
+    s_lw = s_dv
+    s_lb = s_dv
+    s_da = tl.zeros((BLOCK_R,), dtype=CDT)
+    row_lo = pid_s * ROWS_PER_PROG
+    row_hi = tl.minimum(row_lo + ROWS_PER_PROG, M)
+    for m0 in range(row_lo, row_hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < row_hi
+        z, x, _c, mask, offs = _load_z(X, RES, rows, rmask, pid_k * BLOCK_K, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
+        roffs = rows[:, None].to(tl.int64) * R + rr[None, :]
+        rq = rmask[:, None] & qmask[None, :]
+        h = tl.load(HBUF + roffs, mask=rq, other=0.0)
+        da = tl.load(DABUF + roffs, mask=rq, other=0.0)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
+        st = RSTAT + rows
+        dv = dy
+        if POST_LN:
+            v = _v_from(z, h, wut, bu, mask, scaling, CDT, IEEE)
+            dv, vhat = _dv_from(dy, v, lw, mask, tl.load(st + 4 * M, mask=rmask, other=0.0),
+                                tl.load(st + 5 * M, mask=rmask, other=0.0), tl.load(st + 6 * M, mask=rmask, other=0.0),
+                                tl.load(st + 7 * M, mask=rmask, other=0.0))
+            if LN_GRADS:  # y = vhat * w + b
+                s_lw += tl.sum(dy * vhat, axis=0)
+                s_lb += tl.sum(dy, axis=0)
         du = _mm(da, wd, IEEE).to(CDT)
         if PRE_LN:
-            z, x, _c, _m, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
-            u, uhat = _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN, CDT)
-            w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
-            dz = dv + tl.where(mask, (du * w[None, :] - e1[:, None] - uhat * e2[:, None]) * rstd1[:, None], 0.0)
+            rstd1 = tl.load(st + M, mask=rmask, other=0.0)
+            u, uhat = _u_from(z, lw, lb, mask, tl.load(st, mask=rmask, other=0.0), rstd1)
+            dz = _dz_pre(dv, du, uhat, lw, mask, tl.load(st + 2 * M, mask=rmask, other=0.0),
+                         tl.load(st + 3 * M, mask=rmask, other=0.0), rstd1)
             tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
             if HAS_RES:
                 tl.store(DRES + offs, dz.to(DRES.dtype.element_ty), mask=mask)
-            if not U_FROM_Z:
-                tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)  # the dW_down GEMM's operand
-            if LN_GRADS:  # u = uhat * w + b, the same LayerNorm: add its share to pass 3's sums
-                pcol = PCOL + pid.to(tl.int64) * PCOL_W + cols
-                cmask = cols < D
-                tl.store(pcol + D, tl.load(pcol + D, mask=cmask, other=0.0) + tl.sum(du * uhat, axis=0),
-                         mask=cmask)
-                tl.store(pcol + 2 * D, tl.load(pcol + 2 * D, mask=cmask, other=0.0) + tl.sum(du, axis=0),
-                         mask=cmask)
+            if LN_GRADS:  # u = uhat * w + b, the same LayerNorm
+                s_lw += tl.sum(du * uhat, axis=0)
+                s_lb += tl.sum(du, axis=0)
         else:
-            tl.store(DX + offs, (dv + du).to(DX.dtype.element_ty), mask=mask)  # Houlsby: dres = dv is stored
-    # this row block's column sums of da as rounded (db_down), after the three d-wide ones
-    tl.store(PCOL + pid.to(tl.int64) * PCOL_W + 3 * D + rr,
-             tl.sum(tl.where(rqmask, da.to(DABUF.dtype.element_ty).to(CDT), 0.0), axis=0), mask=qmask)
-    if U_FROM_Z:
-        # dW_down = daᵀ u with u = (z - mean1) rstd1 w + b, as (qᵀ z - Σ q mean1) w + (Σ da) b, q = da rstd1: the
-        # GEMM reads the z it has anyway instead of a u written here (M d 16-bit bytes less). The sum takes q as
-        # stored, so the GEMM's qᵀ z and it cancel exactly what they share
-        q = (da.to(CDT) * rstd1[:, None]).to(DABUF.dtype.element_ty)
-        tl.store(DABUF + roffs, q, mask=rqmask)
-        tl.store(PCOL + pid.to(tl.int64) * PCOL_W + 3 * D + R + rr,
-                 tl.sum(tl.where(rqmask, q.to(CDT) * mean1[:, None], 0.0), axis=0), mask=qmask)
-    else:
-        tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
+            u = x
+            tl.store(DX + offs, (dv + du).to(DX.dtype.element_ty), mask=mask)
+            if HAS_RES:  # Houlsby: dres = dv
+                tl.store(DRES + offs, dv.to(DRES.dtype.element_ty), mask=mask)
+        if DV_WIDE:
+            acc_wu += _mm(tl.trans(dv), h.to(CDT), True)
+        else:
+            acc_wu += _mm(tl.trans(dv.to(h.dtype)), h, IEEE).to(CDT)
+        acc_wd += _mm(tl.trans(da), u.to(da.dtype), IEEE).to(CDT)
+        s_dv += tl.sum(dv, axis=0)
+        s_da += tl.sum(da.to(CDT), axis=0)  # masked rows and columns loaded as zeros
+    part = PART + pid_s.to(tl.int64) * PART_W
+    tl.store(part + cols[:, None] * R + rr[None, :], acc_wu * scaling, mask=cmask[:, None] & qmask[None, :])
+    tl.store(part + D * R + rr[:, None] * D + cols[None, :], acc_wd, mask=wq)
+    tl.store(part + 2 * D * R + cols, s_dv * scaling, mask=cmask)
+    if LN_GRADS and (PRE_LN or POST_LN):
+        tl.store(part + 2 * D * R + D + cols, s_lw, mask=cmask)
+        tl.store(part + 2 * D * R + 2 * D + cols, s_lb, mask=cmask)
+    tl.store(part + 2 * D * R + 3 * D + rr, s_da, mask=qmask & (pid_k == 0))
 
 
 def _blocks(d: int, r: int, dtype: torch.dtype):
@@ -485,10 +619,11 @@ _TILE_CHOICES = tuple(f"{m}x{k}x{w}" for m in (16, 32, 64, 128, 256) for k in (1
 
 
 def _tile(kernel: str, d: int, r: int, dtype: torch.dtype, mixed: bool = False):
-    """(BLOCK_M, BLOCK_K, BLOCK_R, num_warps) of the forward (kernel="fwd") or row-gradient ("bwd") kernel;
-    `mixed`: autocast's mix (fp32 activations with 16-bit weights of `dtype`), more registers per element.
+    """(BLOCK_M, BLOCK_K, BLOCK_R, num_warps) of the forward (kernel="fwd"), row-gradient ("bwd") or the split
+    backward's column ("cols") kernel; `mixed`: autocast's mix (fp32 activations with 16-bit weights of `dtype`),
+    more registers per element.
 
-    16-bit inputs read EFFIR_ADAPTER_FWD_TILE / EFFIR_ADAPTER_BWD_TILE, else EFFIR_ADAPTER_TILE, as
+    16-bit inputs read EFFIR_ADAPTER_{FWD,BWD,COLS}_TILE, else EFFIR_ADAPTER_TILE, as
     "BLOCK_MxBLOCK_KxWARPS" (e.g. "128x64x8"): more rows per program re-read the weight chunks (from L2) for
     fewer programs, wider chunks mean fewer, larger tensor-core steps, both at the cost of registers. Timed side
     by side by bench/gpu/adapter.py. fp32 / fp64 always take the defaults (their tests pin the rounding)."""
@@ -501,6 +636,9 @@ def _tile_cached(kernel: str, d: int, r: int, dtype: torch.dtype, mixed: bool, e
     # cached: every call of the op asks, and triton.next_power_of_2 alone costs microseconds of host time
     bm, bk, br = _blocks(d, r, dtype)
     warps = _warps(bm, bk, br)
+    if kernel in _TILE_WIDE and dtype in _TILE_WIDE[kernel]:
+        bm, bk, warps = _TILE_WIDE[kernel][dtype]
+        bk = max(16, min(bk, triton.next_power_of_2(d)))
     if dtype in (torch.float16, torch.bfloat16):
         bm, bk, warps = (_TILE_16BIT_MIXED if mixed else _TILE_16BIT).get(kernel, _TILE_16BIT[kernel])
         v = env_choice(f"EFFIR_ADAPTER_{kernel.upper()}_TILE", _TILE_CHOICES, None)
@@ -520,10 +658,16 @@ def _tile_cached(kernel: str, d: int, r: int, dtype: torch.dtype, mixed: bool, e
 # The row-gradient kernel at 64x64x4 needs more than the 255 registers a thread has and spills (152-356 B per
 # thread on sm_90 with the LayerNorm variants, bench/results/triton_aot_sm90.json), yet measured fastest: 641 us
 # against 784 us at 32x64x4, which does not spill (runs 4 and 5).
-_TILE_16BIT = {"fwd": (32, 128, 4), "bwd": (64, 64, 4)}
+# "cols" (`_bwd_cols_kernel`, EFFIR_ADAPTER_BWD=split; untimed): the largest tile without spill on sm_90 at 182
+# registers (32x64x4: 255 and 48 B spill; 64x64x8: 348 B; bench/triton_aot.py)
+_TILE_16BIT = {"fwd": (32, 128, 4), "bwd": (64, 64, 4), "cols": (32, 64, 8)}
 # Autocast's mix: the row backward reads fp32 z and dy, and the 64x64 tile then spills 616 B per thread on sm_90;
 # 32x32 on 8 warps does not (bench/results/triton_aot_sm90.json, "mixed")
-_TILE_16BIT_MIXED = {"bwd": (32, 32, 8)}
+_TILE_16BIT_MIXED = {"bwd": (32, 32, 8), "cols": (32, 64, 8)}
+# fp32 / fp64 column kernel (BLOCK_M, BLOCK_K, warps): its two (BLOCK_K, BLOCK_R) accumulators in registers spill
+# at the generic fp32 default (64x64x8: 3316 B a thread on sm_90, seq_bn); 16x32x4 spills 12 B in fp32, and fp64
+# at 16x16x4 416 B (the row kernel's fp64 spills 852), bench/triton_aot.py
+_TILE_WIDE = {"cols": {torch.float32: (16, 32, 4), torch.float64: (16, 16, 4)}}
 
 
 def _stages(*tensors: torch.Tensor) -> int:
@@ -590,6 +734,32 @@ def a_scratch() -> bool:
     return env_choice("EFFIR_ADAPTER_A_SCRATCH", ("0", "1"), "0") == "1"
 
 
+def bwd_design() -> str:
+    """EFFIR_ADAPTER_BWD: "rows" (default) or "split" (untimed). "rows": `_bwd_rows_kernel` writes dx and the
+    d-wide GEMM operands (dv, and u outside 16-bit seq_bn), two cuBLAS GEMMs take the weight gradients.
+    "split": `_bwd_rows_kernel` (SPLIT) keeps passes 1-3 and writes only r-wide rows and 8 row scalars, then
+    `_bwd_cols_kernel` streams over d-chunks once, writing dx and accumulating the weight gradients on chip: at
+    seq_bn, 65536 tokens, d = 768, bf16 that is ~500 MB of HBM traffic in the backward against ~600 MB, no
+    d-wide scratch and no GEMMs, and a row kernel with one pass less and no stores in its chunk loops. Whether
+    it is faster is for the next GPU run (bench/gpu/adapter.py TILES)."""
+    return env_choice("EFFIR_ADAPTER_BWD", ("rows", "split"), "rows")
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _col_splits(m: int, bm: int, n_chunks: int, device: torch.device) -> int:
+    """Rows per program of `_bwd_cols_kernel`: enough programs for ~4 per SM with the d-chunks, each walking as
+    many row tiles as that leaves (fewer splits: less partial-sum traffic, PART_W fp32 values each). On CPU (the
+    interpreter) two splits, so tests see several row tiles per program and a reduction over splits."""
+    tiles = triton.cdiv(m, bm)
+    target = 4 * _sm_count(device) if device.type == "cuda" else 2 * n_chunks
+    splits = max(1, min(tiles, triton.cdiv(target, n_chunks)))
+    return triton.cdiv(tiles, splits) * bm
+
+
 def _wd_ln(w_down, ln_weight, ln_bias, block_r: int, x) -> torch.Tensor:
     """[Wd w | Wd b] (2 block_r,) in x's compute dtype (`_wd_ln_kernel`): one single-program launch per call."""
     cwb = torch.empty(2 * block_r, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
@@ -607,23 +777,12 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     dtypes as `fused_adapter_fwd` takes them (x, res, dy; dx / dres like x / res).
     ln_param_grads=False (frozen LayerNorm): the two LayerNorm gradients are not computed and come back
     uninitialised (torch.empty: no kernel fills them; the ops' autograd drops them)."""
-    m, d = x.shape
-    r = w_down.shape[0]
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dev = x.device
-    # autocast's mix (fp32 z and dy, 16-bit weights) has fp32 tiles in the registers: its own defaults
-    mixed = any(t is not None and t.dtype != w_down.dtype for t in (x, res, dy))
-    bm, bk, br, warps = _tile("bwd", d, r, w_down.dtype, mixed)
-    dx = torch.empty_like(x)
-    dres = torch.empty_like(res) if res is not None else None
-    # act(a), d(a), u = LN(z) and dv (the weight-gradient GEMMs' operands) in the weights' dtype: what the
-    # GEMMs take (as torch's own autograd would, autocast's too), half the bytes of fp32 at 16 bits and no
-    # conversion kernels; the forward's dot rounds act(a) the same way
-    gdt = w_down.dtype
-    hbuf = torch.empty((m, r), dtype=gdt, device=dev)
-    dabuf = torch.empty((m, r), dtype=gdt, device=dev)
-    dummy = x
-    has_res = res is not None
+    if bwd_design() == "split":
+        return _fused_adapter_bwd_split(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation,
+                                        scaling, eps, pre_ln, post_ln, ln_param_grads)
+    m, d, r, cdt, mixed, (bm, bk, br, warps), dx, dres, hbuf, dabuf = _bwd_common(dy, x, res, w_down)
+    dev, gdt, dummy, has_res = x.device, w_down.dtype, x, res is not None
+    # u = LN(z) and dv (the weight-gradient GEMMs' operands) in the weights' dtype too (see `_bwd_common`)
     ln = pre_ln or post_ln
     lnw = ln_weight if ln_weight is not None else dummy
     lnb = ln_bias if ln_bias is not None else dummy
@@ -649,21 +808,80 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
         dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb,
         _wd_ln(w_down, ln_weight, ln_bias, br, x) if pre_ln else dummy, dx,
         dres if has_res else dummy, hbuf, dabuf, torch.empty((m, r), dtype=cdt, device=dev) if a_scr else dummy,
-        dv, u, pcol, m, d, r, pcol_w, *sc,
+        dv, u, pcol, dummy, m, d, r, pcol_w, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
-        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z, A_SCRATCH=a_scr, **flags)
+        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z, A_SCRATCH=a_scr, SPLIT=False,
+        **flags)
     grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln and not u_from_z else None, hbuf, dabuf, pcol,
                               scaling, (ln_weight, ln_bias) if u_from_z else None)
-    # the vectors are slices of one sum: each becomes a tensor of its own (outputs must not alias), in the cast
-    # that rounds it to its parameter's dtype anyway
-    dw_down, dw_up = grads[0].to(w_down.dtype), grads[2].to(w_up.dtype)
+    return dx, dres, *_grads_out(grads, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ln, ln_param_grads)
+
+
+def _bwd_common(dy, x, res, w_down):
+    """(m, d, r, compute dtype, mixed, row-kernel tile, dx, dres|None, act(a) buffer, da buffer) of a backward.
+    mixed: autocast's mix (fp32 z and dy, 16-bit weights), fp32 tiles in the registers: its own tile defaults.
+    act(a) and da (M, r) in the weights' dtype: what the weight-gradient products take (as torch's own autograd
+    would, autocast's too), half the bytes of fp32 at 16 bits; the forward's dot rounds act(a) the same way."""
+    m, d = x.shape
+    r = w_down.shape[0]
+    mixed = any(t is not None and t.dtype != w_down.dtype for t in (x, res, dy))
+    hbuf = torch.empty((m, r), dtype=w_down.dtype, device=x.device)
+    dabuf = torch.empty((m, r), dtype=w_down.dtype, device=x.device)
+    return (m, d, r, torch.float64 if x.dtype == torch.float64 else torch.float32, mixed,
+            _tile("bwd", d, r, w_down.dtype, mixed), torch.empty_like(x),
+            torch.empty_like(res) if res is not None else None, hbuf, dabuf)
+
+
+def _grads_out(grads, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ln: bool, ln_param_grads: bool):
+    """(dw_down, db_down, dw_up, db_up, dln_weight|None, dln_bias|None) in the parameters' dtypes from the fp32
+    (fp64) results (dW_down, db_down, dW_up, db_up, dln_w, dln_b). The vectors are slices of one sum: each
+    becomes a tensor of its own (outputs must not alias), in the cast that rounds it to its parameter's dtype."""
+    dw_down, dw_up = grads[0].to(w_down.dtype, copy=True), grads[2].to(w_up.dtype, copy=True)
     db_down, db_up = grads[1].to(b_down.dtype, copy=True), grads[3].to(b_up.dtype, copy=True)
     dlnw = dlnb = None
     if ln and ln_param_grads:
         dlnw, dlnb = grads[4].to(ln_weight.dtype, copy=True), grads[5].to(ln_bias.dtype, copy=True)
     elif ln:  # frozen LayerNorm: nothing reduced, and nothing filled either (no kernel launch)
         dlnw, dlnb = torch.empty_like(ln_weight), torch.empty_like(ln_bias)
-    return dx, dres, dw_down, db_down, dw_up, db_up, dlnw, dlnb
+    return dw_down, db_down, dw_up, db_up, dlnw, dlnb
+
+
+def _fused_adapter_bwd_split(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str,
+                             scaling: float, eps: float, pre_ln: bool, post_ln: bool, ln_param_grads: bool):
+    """`fused_adapter_bwd` as two kernels (`bwd_design` "split"): the row kernel's passes 1-3 (SPLIT), then
+    `_bwd_cols_kernel` for dx and all parameter gradients; same contract and outputs."""
+    m, d, r, cdt, mixed, (bm, bk, br, warps), dx, dres, hbuf, dabuf = _bwd_common(dy, x, res, w_down)
+    dev, gdt, dummy, has_res = x.device, w_down.dtype, x, res is not None
+    rstat = torch.empty((8, m), dtype=cdt, device=dev)
+    lnw = ln_weight if ln_weight is not None else dummy
+    lnb = ln_bias if ln_bias is not None else dummy
+    flags = dict(HAS_RES=has_res, PRE_LN=pre_ln, POST_LN=post_ln, **_flags(x, w_down))
+    sc = _scalar_args(x, scaling, eps)
+    a_scr = a_scratch()
+    _bwd_rows_kernel[(triton.cdiv(m, bm),)](
+        dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb,
+        _wd_ln(w_down, ln_weight, ln_bias, br, x) if pre_ln else dummy, dummy, dummy, hbuf, dabuf,
+        torch.empty((m, r), dtype=cdt, device=dev) if a_scr else dummy, dummy, dummy, dummy, rstat, m, d, r, 0, *sc,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
+        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=False, A_SCRATCH=a_scr, SPLIT=True,
+        **flags)
+    cbm, cbk, _br, cwarps = _tile("cols", d, r, w_down.dtype, mixed)
+    n_chunks = triton.cdiv(d, cbk)
+    rows_per = _col_splits(m, cbm, n_chunks, dev)
+    splits = triton.cdiv(m, rows_per)
+    part_w = 2 * d * r + 3 * d + r
+    part = torch.empty((splits, part_w), dtype=cdt, device=dev)
+    _bwd_cols_kernel[(n_chunks, splits)](
+        dy, x, res if has_res else dummy, w_down, w_up, b_up, lnw, lnb, hbuf, dabuf, rstat, dx,
+        dres if has_res else dummy, part, m, d, r, rows_per, part_w, *sc,
+        BLOCK_M=cbm, BLOCK_K=cbk, BLOCK_R=br, num_warps=cwarps, num_stages=_stages(x, res, dy),
+        LN_GRADS=ln_param_grads, DV_WIDE=has_res and post_ln and not pre_ln and res.dtype != gdt, **flags)
+    sums = part.sum(0)
+    dr = d * r
+    grads = (sums[dr:2 * dr].view(r, d), sums[2 * dr + 3 * d:], sums[:dr].view(d, r), sums[2 * dr:2 * dr + d],
+             sums[2 * dr + d:2 * dr + 2 * d], sums[2 * dr + 2 * d:2 * dr + 3 * d])
+    return dx, dres, *_grads_out(grads, w_down, b_down, w_up, b_up, ln_weight, ln_bias, pre_ln or post_ln,
+                                 ln_param_grads)
 
 
 def _param_grads_gemm(dv, x, u, hbuf, dabuf, pcol, scaling: float, ln_from_z=None):

@@ -228,10 +228,13 @@ def test_frozen_layernorm_params_get_no_grad(backend, ln_before, monkeypatch):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_triton_frozen_layernorm_bf16_dw_down_from_z():
+@pytest.mark.parametrize("design", ["rows", "split"])
+def test_triton_frozen_layernorm_bf16_dw_down_from_z(design, monkeypatch):
     """16-bit seq_bn takes dW_down from z (no u written) with the frozen LayerNorm's weight and bias: with the
     LayerNorm frozen (its column sums skipped) the adapter's gradients still match float64 within the rule, on
-    rows far off zero where qᵀ z and Σ q mean1 cancel most."""
+    rows far off zero where qᵀ z and Σ q mean1 cancel most. The split backward (EFFIR_ADAPTER_BWD=split, which
+    takes dW_down from a rounded u on chip) on the same rows."""
+    monkeypatch.setenv("EFFIR_ADAPTER_BWD", design)
     p = make_inputs((3, 53), 200, 24, seed=41)
     for n in ("x", "res"):
         p[n] = p[n] + 3.0 + 0.5 * torch.randn(3, 53, 1, dtype=torch.float64,
@@ -262,6 +265,36 @@ def test_triton_a_scratch(dtype, variant, monkeypatch):
     check_all(variant, make_inputs((157,), 200, 24, seed=19), dtype, "triton", "silu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_split_backward(variant, act, dtype, monkeypatch):
+    """EFFIR_ADAPTER_BWD=split: the row kernel's passes 1-3, then one streaming kernel over d-chunks for dx and
+    every parameter gradient (accumulated on chip, reduced over row splits). Every variant, activation and dtype
+    at 157 tokens (the column kernel walks several row tiles per program, over two splits) and d = 200 (chunks
+    of 64: the last one partial), r = 24."""
+    monkeypatch.setenv("EFFIR_ADAPTER_BWD", "split")
+    seed = zlib.crc32(f"split/{act}/{variant}".encode()) % 1000
+    check_all(variant, make_inputs((157,), 200, 24, seed=seed), dtype, "triton", act)
+
+
+@pytest.mark.parametrize("shape,d,r", [((1,), 7, 1), ((129,), 7, 1), ((3,), 768, 48), ((2, 3), 129, 1)])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_split_backward_shapes(variant, shape, d, r, monkeypatch):
+    """The split backward at one token, d = 7 with r = 1, and d = 768 (12 chunks)."""
+    monkeypatch.setenv("EFFIR_ADAPTER_BWD", "split")
+    check_all(variant, make_inputs(shape, d, r, seed=d + r), torch.float32, "triton", "silu")
+
+
+@pytest.mark.parametrize("hdt", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", ["ln", "ln_pre"])
+def test_triton_split_backward_mixed(variant, hdt, monkeypatch):
+    """The split backward on autocast's mix (16-bit h and adapter weights, fp32 residual and LayerNorm): Houlsby's
+    dW_up from the fp32 dv (DV_WIDE), as the default design's GEMM over the fp32 dres."""
+    monkeypatch.setenv("EFFIR_ADAPTER_BWD", "split")
+    test_mixed_precision_matches_float64(variant, hdt, "triton")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_triton_param_gradients(dtype, variant):
@@ -271,8 +304,11 @@ def test_triton_param_gradients(dtype, variant):
 
 
 @pytest.mark.parametrize("tiles", [{"EFFIR_ADAPTER_TILE": "32x64x4"}, {"EFFIR_ADAPTER_TILE": "128x32x8"},
-                                   {"EFFIR_ADAPTER_FWD_TILE": "16x128x4", "EFFIR_ADAPTER_BWD_TILE": "128x256x16"}],
-                         ids=["32x64", "128x32", "fwd16x128-bwd128x256"])
+                                   {"EFFIR_ADAPTER_FWD_TILE": "16x128x4", "EFFIR_ADAPTER_BWD_TILE": "128x256x16"},
+                                   {"EFFIR_ADAPTER_BWD": "split", "EFFIR_ADAPTER_COLS_TILE": "16x32x2"},
+                                   {"EFFIR_ADAPTER_BWD": "split", "EFFIR_ADAPTER_BWD_TILE": "32x64x4",
+                                    "EFFIR_ADAPTER_COLS_TILE": "64x256x8", "EFFIR_ADAPTER_A_SCRATCH": "1"}],
+                         ids=["32x64", "128x32", "fwd16x128-bwd128x256", "split-cols16x32", "split-cols64x256"])
 def test_triton_tiles(tiles, monkeypatch):
     """The forward / row-gradient kernels with other tiles (EFFIR_ADAPTER_*TILE, 16-bit), also a different one
     per kernel: chunks wider than d (256 > 200) and row blocks taller than the 157 tokens included."""

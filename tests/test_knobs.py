@@ -15,6 +15,8 @@ KNOBS = [
     ("EFFIR_ADAPTER_TILE", "48x64x8", lambda: adapter._tile("fwd", 768, 48, torch.bfloat16), (32, 128, 64, 4)),
     ("EFFIR_ADAPTER_BWD_TILE", "64x64", lambda: adapter._tile("bwd", 768, 48, torch.bfloat16), (64, 64, 64, 4)),
     ("EFFIR_ADAPTER_A_SCRATCH", "yes", adapter.a_scratch, False),
+    ("EFFIR_ADAPTER_BWD", "columns", adapter.bwd_design, "rows"),
+    ("EFFIR_ADAPTER_COLS_TILE", "32x64", lambda: adapter._tile("cols", 768, 48, torch.bfloat16), (32, 64, 64, 8)),
 ]
 
 

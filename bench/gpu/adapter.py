@@ -82,17 +82,24 @@ def correctness(backends, quick, deadline):
     """float64: every variant x activation; bf16: every variant with relu (the timed kernels). Odd M."""
     rows = []
     m, d, r = QUICK_CHECK_SHAPE if quick else CHECK_SHAPE
-    cases = [(torch.float64, v, a) for v in VARIANTS for a in ("relu", "gelu", "silu")]
-    cases += [(torch.bfloat16, v, "relu") for v in VARIANTS]
+    cases = [(torch.float64, v, a, "", {}) for v in VARIANTS for a in ("relu", "gelu", "silu")]
+    cases += [(torch.bfloat16, v, "relu", "", {}) for v in VARIANTS]
     if quick:  # scaling 0.7 and eps 1e-5 reach the fp64 kernels exactly (the first H100 run caught fp32 copies)
-        cases = [(torch.float64, "ln_pre", "gelu"), (torch.float64, "plain", "relu"),
-                 (torch.bfloat16, "ln_pre", "relu"), (torch.bfloat16, "ln", "silu"), (torch.bfloat16, "plain", "relu")]
+        cases = [(torch.float64, "ln_pre", "gelu", "", {}), (torch.float64, "plain", "relu", "", {}),
+                 (torch.bfloat16, "ln_pre", "relu", "", {}), (torch.bfloat16, "ln", "silu", "", {}),
+                 (torch.bfloat16, "plain", "relu", "", {})]
     # shifted: rows 20 standard deviations off zero (a residual stream's means), where the shifted tensor-core
     # operand of the pre-activation and seq_bn's dW_down taken from z (cuBLAS over z, minus a sum) must hold
-    cases += [(torch.bfloat16, "ln_pre", "gelu", "shifted"), (torch.bfloat16, "ln", "relu", "shifted")]
-    for dtype, variant, act, *how in cases:
+    cases += [(torch.bfloat16, "ln_pre", "gelu", "shifted", {}), (torch.bfloat16, "ln", "relu", "shifted", {})]
+    # the split backward (EFFIR_ADAPTER_BWD=split, Triton only), first run on a GPU: every variant
+    split = {"EFFIR_ADAPTER_BWD": "split"}
+    cases += [(torch.float64, "ln_pre", "gelu", "", split), (torch.float64, "ln", "silu", "", split),
+              (torch.bfloat16, "ln_pre", "relu", "", split), (torch.bfloat16, "ln", "silu", "", split),
+              (torch.bfloat16, "plain", "gelu", "", split), (torch.bfloat16, "ln_pre", "gelu", "shifted", split)]
+    for dtype, variant, act, how, env in cases:
         if time.time() > deadline:
-            rows.append({"skipped": "time budget", "dtype": str(dtype), "variant": variant, "act": act, "ok": False})
+            rows.append({"skipped": "time budget", "dtype": str(dtype), "variant": variant, "act": act, "ok": False,
+                         "env": env})
             continue
         p64 = _inputs(m, d, r, torch.float64, seed=m + d)
         if how:
@@ -103,11 +110,14 @@ def correctness(backends, quick, deadline):
         ref = _grads(_fn(variant, None, act), p64, variant)
         same = _grads(_fn(variant, None, act), p, variant)
         for be in backends:
-            got = _grads(_fn(variant, be, act), p, variant)
+            if env and be != "triton":
+                continue
+            with env_vars(**env):
+                got = _grads(_fn(variant, be, act), p, variant)
             errs = [rel_err(g, r_) for g, r_ in zip(got, ref)]
             bounds = [error_bound(rel_err(s, r_), dtype) for s, r_ in zip(same, ref)]
-            rows.append({"backend": be, "dtype": str(dtype), "variant": variant, "act": act, "inputs": how or "",
-                         "M": m, "d": d, "r": r, "max_err": max(errs),
+            rows.append({"backend": be, "dtype": str(dtype), "variant": variant, "act": act, "inputs": how,
+                         "env": env, "M": m, "d": d, "r": r, "max_err": max(errs),
                          "ok": all(e <= b for e, b in zip(errs, bounds)),
                          "errs": errs, "bounds": bounds})
     if "triton" in backends and time.time() < deadline:
@@ -194,15 +204,20 @@ def _adapterhub_fn(variant, d, r, act, scaling, dtype=torch.bfloat16):
 # for another knob. Runs 7 and 8 swept the row-backward tiles again after u stopped being written and Wd w / Wd b
 # came from a kernel of their own (64x64x4 stayed best, 128x64x8 next). Untimed: the row kernel's pre-activation
 # parked in memory over passes 2-3 (EFFIR_ADAPTER_A_SCRATCH=1: sm_90 spill 344 -> 56 B a thread)
-TILES = {"ln_pre": ("EFFIR_ADAPTER_A_SCRATCH=1", "32x128x4/128x64x8"),
-         "ln": ()}  # seq_bn is the issue's target
+# Untimed too: the split backward (EFFIR_ADAPTER_BWD=split: the row kernel's passes 1-3, then one streaming kernel
+# over d-chunks for dx and every parameter gradient, no GEMMs), with its column kernel's tile (COLS_TILE) and a
+# shorter row tile (its row kernel spills 28 B a thread at 64x64x4 on sm_90). Comma-separated NAME=value pairs
+# set several knobs at once.
+_SPLIT = "EFFIR_ADAPTER_BWD=split"
+TILES = {"ln_pre": (_SPLIT, f"{_SPLIT},EFFIR_ADAPTER_COLS_TILE=32x32x4", f"{_SPLIT},EFFIR_ADAPTER_BWD_TILE=32x64x4",
+                    "EFFIR_ADAPTER_A_SCRATCH=1", "32x128x4/128x64x8"),
+         "ln": (_SPLIT,)}  # seq_bn is the issue's target
 
 
 def _tile_env(tile: str) -> dict:
-    """"FWD/BWD", "TILE" or "NAME=value" -> the environment knobs."""
+    """"FWD/BWD", "TILE" or "NAME=value[,NAME=value...]" -> the environment knobs."""
     if "=" in tile:
-        name, _, value = tile.partition("=")
-        return {name: value}
+        return dict(pair.split("=", 1) for pair in tile.split(","))
     if "/" in tile:
         fwd, bwd = tile.split("/")
         return {"EFFIR_ADAPTER_FWD_TILE": fwd, "EFFIR_ADAPTER_BWD_TILE": bwd}
@@ -216,7 +231,9 @@ def _tile_of(env: dict, kernel: str) -> str:
 def _time_one(variant, name, f, env, leaves, p, hub, m, d, r, quick, copy_bps, breakdown=False, saved=True):
     """One timing row: forward + backward of `f` under the env knobs `env`, wall and GPU milliseconds (a CUDA
     graph replay, or `queued_ms` where the step will not capture), bytes/s against the minimal bytes;
-    `breakdown`: also the per-kernel GPU time (fwd_us / bwd_us: the fused forward and row-gradient kernels)."""
+    `breakdown`: also the per-kernel GPU time (fwd_us / bwd_us: the fused forward and the row-gradient kernels,
+    the split design's column kernel included; bwd_all_us: all of the step's GPU time but the forward kernel, the
+    GEMMs and reductions included, which is what compares the two backward designs)."""
     grad_of = [leaves["h"], leaves["t"]] + (hub[1] if name == "adapterhub" else
                                              [leaves[k] for k in ("w_down", "b_down", "w_up", "b_up")])
     if variant == "plain":
@@ -254,9 +271,11 @@ def _time_one(variant, name, f, env, leaves, p, hub, m, d, r, quick, copy_bps, b
                     row["queued_error"] = f"{type(exc2).__name__}: {exc2}"[:300]
         if breakdown:
             try:  # where the fused op's GPU time goes
-                row["kernels"] = kernel_breakdown(step)
+                row["kernels"] = kernel_breakdown(step, top=64)
                 row["fwd_us"] = sum(k["us_per_step"] for k in row["kernels"] if "_fwd_kernel" in k["name"])
-                row["bwd_us"] = sum(k["us_per_step"] for k in row["kernels"] if "_bwd_rows" in k["name"])
+                row["bwd_us"] = sum(k["us_per_step"] for k in row["kernels"]
+                                    if "_bwd_rows" in k["name"] or "_bwd_cols" in k["name"])
+                row["bwd_all_us"] = sum(k["us_per_step"] for k in row["kernels"]) - row["fwd_us"]
             except Exception as exc:
                 row["kernels_error"] = f"{type(exc).__name__}: {exc}"[:300]
         ms = row.get("gpu_ms", wall)
@@ -323,13 +342,15 @@ def timings(backends, quick, copy_bps, deadline, rows=None):
                  and row["method"].startswith("effir_triton") and "fwd_us" in row]
         if len(tiled) >= 2 and time.time() < deadline:
             # the best tile of each kernel by its own GPU time (the profiler's), then both together; the fastest
-            # row backward's other knobs (not tiles: EFFIR_ADAPTER_A_SCRATCH) come along with its tile
-            best_bwd = min(tiled, key=lambda row: row["bwd_us"])["env"]
+            # backward (by all its GPU time: the designs differ in GEMMs) brings its other knobs along
+            # (EFFIR_ADAPTER_BWD, _COLS_TILE, _A_SCRATCH)
+            best_bwd = min(tiled, key=lambda row: row["bwd_all_us"])["env"]
             fwd = _tile_of(min(tiled, key=lambda row: row["fwd_us"])["env"], "fwd")
             bwd = _tile_of(best_bwd, "bwd")
             env = {k: v for k, v in (("EFFIR_ADAPTER_FWD_TILE", fwd), ("EFFIR_ADAPTER_BWD_TILE", bwd))
                    if v != "default"}
-            env |= {k: v for k, v in best_bwd.items() if not k.endswith("_TILE")}
+            env |= {k: v for k, v in best_bwd.items()
+                    if k not in ("EFFIR_ADAPTER_TILE", "EFFIR_ADAPTER_FWD_TILE", "EFFIR_ADAPTER_BWD_TILE")}
             row = _time_one(variant, "effir_triton_best", methods["effir_triton"], env, leaves, p, hub, m, d, r,
                             quick, copy_bps, breakdown=True, saved=False)
             row["tiles"] = {"fwd": fwd, "bwd": bwd}
