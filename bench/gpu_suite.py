@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="~6 minute run: the issues' target sizes only")
     ap.add_argument("--budget", type=float, default=None, help="total seconds (default 480, quick 340)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: "
-                    "ceilings,loss,adapter,ncu,encoder,cuda_ext")
+                    "wheels,ceilings,loss,adapter,ncu,grad_cache,encoder,jit_build,cuda_ext")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,6 @@
-"""The GPU suite's parsers, on CPU: what bench/gpu/ncu.py keeps of Nsight Compute's details CSV."""
+"""The GPU suite's parsers and choices, on CPU: what bench/gpu/ncu.py keeps of Nsight Compute's details CSV, how
+bench/gpu/adapter.py combines the timed design knobs."""
+from bench.gpu.adapter import _tile_env, best_env
 from bench.gpu.ncu import summarize
 
 CSV = '''==PROF== Connected to process 123
@@ -21,3 +23,26 @@ def test_summarize_keeps_the_listed_metrics_in_microseconds():
 
 def test_summarize_of_no_csv_is_empty():
     assert summarize("==ERROR== the profiler could not start") == []
+
+
+def test_tile_env_parses_every_form():
+    assert _tile_env("32x128x4/128x64x8") == {"EFFIR_ADAPTER_FWD_TILE": "32x128x4",
+                                              "EFFIR_ADAPTER_BWD_TILE": "128x64x8"}
+    assert _tile_env("64x64x4") == {"EFFIR_ADAPTER_TILE": "64x64x4"}
+    assert _tile_env("EFFIR_ADAPTER_BWD=split,EFFIR_ADAPTER_COLS_TILE=32x32x4") == {
+        "EFFIR_ADAPTER_BWD": "split", "EFFIR_ADAPTER_COLS_TILE": "32x32x4"}
+
+
+def test_best_env_takes_the_forward_tile_and_the_whole_backward_design():
+    """The backward is chosen by all its GPU time (the split design has no GEMMs, its row kernels' time alone would
+    not compare), and brings its non-tile knobs; the forward tile comes from the fastest forward kernel."""
+    rows = [{"env": {}, "fwd_us": 296.0, "bwd_us": 581.0, "bwd_all_us": 720.0},
+            {"env": _tile_env("EFFIR_ADAPTER_BWD=split,EFFIR_ADAPTER_COLS_TILE=32x32x4"), "fwd_us": 297.0,
+             "bwd_us": 640.0, "bwd_all_us": 650.0},
+            {"env": _tile_env("16x128x4/128x64x8"), "fwd_us": 280.0, "bwd_us": 600.0, "bwd_all_us": 740.0}]
+    env, fwd, bwd = best_env(rows)
+    assert (fwd, bwd) == ("16x128x4", "default")
+    assert env == {"EFFIR_ADAPTER_FWD_TILE": "16x128x4", "EFFIR_ADAPTER_BWD": "split",
+                   "EFFIR_ADAPTER_COLS_TILE": "32x32x4"}
+    rows[1]["bwd_all_us"] = 800.0  # the default backward wins: no knob of the split design comes along
+    assert best_env(rows)[0] == {"EFFIR_ADAPTER_FWD_TILE": "16x128x4"}

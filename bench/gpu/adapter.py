@@ -205,12 +205,12 @@ def _adapterhub_fn(variant, d, r, act, scaling, dtype=torch.bfloat16):
 # came from a kernel of their own (64x64x4 stayed best, 128x64x8 next). Untimed: the row kernel's pre-activation
 # parked in memory over passes 2-3 (EFFIR_ADAPTER_A_SCRATCH=1: sm_90 spill 344 -> 56 B a thread)
 # Untimed too: the split backward (EFFIR_ADAPTER_BWD=split: the row kernel's passes 1-3, then one streaming kernel
-# over d-chunks for dx and every parameter gradient, no GEMMs), with its column kernel's tile (COLS_TILE) and a
-# shorter row tile (its row kernel spills 28 B a thread at 64x64x4 on sm_90). Comma-separated NAME=value pairs
-# set several knobs at once.
+# over d-chunks for dx and every parameter gradient, no GEMMs), with its column kernel's tile (COLS_TILE) and two
+# row tiles that do not spill on sm_90 (32x64x4 at 232 registers, 64x64x8 at 206; the default 64x64x4 spills 28 B
+# a thread). Comma-separated NAME=value pairs set several knobs at once.
 _SPLIT = "EFFIR_ADAPTER_BWD=split"
 TILES = {"ln_pre": (_SPLIT, f"{_SPLIT},EFFIR_ADAPTER_COLS_TILE=32x32x4", f"{_SPLIT},EFFIR_ADAPTER_BWD_TILE=32x64x4",
-                    "EFFIR_ADAPTER_A_SCRATCH=1", "32x128x4/128x64x8"),
+                    f"{_SPLIT},EFFIR_ADAPTER_BWD_TILE=64x64x8", "EFFIR_ADAPTER_A_SCRATCH=1", "32x128x4/128x64x8"),
          "ln": (_SPLIT,)}  # seq_bn is the issue's target
 
 
@@ -226,6 +226,20 @@ def _tile_env(tile: str) -> dict:
 
 def _tile_of(env: dict, kernel: str) -> str:
     return env.get(f"EFFIR_ADAPTER_{kernel.upper()}_TILE") or env.get("EFFIR_ADAPTER_TILE") or "default"
+
+
+def best_env(tiled: list[dict]) -> tuple[dict, str, str]:
+    """(env, fwd tile, bwd tile) of the best combination of timed rows (each with env, fwd_us, bwd_all_us): the
+    forward tile of the fastest forward kernel (the profiler's time) and the backward of the fastest backward by all
+    its GPU time (the designs differ in GEMMs), which brings its other knobs along (EFFIR_ADAPTER_BWD, _COLS_TILE,
+    _A_SCRATCH)."""
+    best_bwd = min(tiled, key=lambda row: row["bwd_all_us"])["env"]
+    fwd = _tile_of(min(tiled, key=lambda row: row["fwd_us"])["env"], "fwd")
+    bwd = _tile_of(best_bwd, "bwd")
+    env = {k: v for k, v in (("EFFIR_ADAPTER_FWD_TILE", fwd), ("EFFIR_ADAPTER_BWD_TILE", bwd)) if v != "default"}
+    env |= {k: v for k, v in best_bwd.items()
+            if k not in ("EFFIR_ADAPTER_TILE", "EFFIR_ADAPTER_FWD_TILE", "EFFIR_ADAPTER_BWD_TILE")}
+    return env, fwd, bwd
 
 
 def _time_one(variant, name, f, env, leaves, p, hub, m, d, r, quick, copy_bps, breakdown=False, saved=True):
@@ -341,16 +355,7 @@ def timings(backends, quick, copy_bps, deadline, rows=None):
         tiled = [row for row in rows if row["variant"] == variant and row["M"] == m and row["d"] == d
                  and row["method"].startswith("effir_triton") and "fwd_us" in row]
         if len(tiled) >= 2 and time.time() < deadline:
-            # the best tile of each kernel by its own GPU time (the profiler's), then both together; the fastest
-            # backward (by all its GPU time: the designs differ in GEMMs) brings its other knobs along
-            # (EFFIR_ADAPTER_BWD, _COLS_TILE, _A_SCRATCH)
-            best_bwd = min(tiled, key=lambda row: row["bwd_all_us"])["env"]
-            fwd = _tile_of(min(tiled, key=lambda row: row["fwd_us"])["env"], "fwd")
-            bwd = _tile_of(best_bwd, "bwd")
-            env = {k: v for k, v in (("EFFIR_ADAPTER_FWD_TILE", fwd), ("EFFIR_ADAPTER_BWD_TILE", bwd))
-                   if v != "default"}
-            env |= {k: v for k, v in best_bwd.items()
-                    if k not in ("EFFIR_ADAPTER_TILE", "EFFIR_ADAPTER_FWD_TILE", "EFFIR_ADAPTER_BWD_TILE")}
+            env, fwd, bwd = best_env(tiled)
             row = _time_one(variant, "effir_triton_best", methods["effir_triton"], env, leaves, p, hub, m, d, r,
                             quick, copy_bps, breakdown=True, saved=False)
             row["tiles"] = {"fwd": fwd, "bwd": bwd}
