@@ -81,7 +81,9 @@ def plot_adapter(run: Path) -> Path | None:
     copy = res.get("copy_bytes_per_s")
     for ax, v in zip(axes[0], variants):
         sel = sorted([r for r in rows if r["variant"] == v], key=lambda r: r["ms"])
-        names = [r["method"] for r in sel]
+        # knob rows are named after their environment ("effir_triton_tEFFIR_ADAPTER_BWD=split,..."): the
+        # prefixes only crowd the axis
+        names = [r["method"].replace("EFFIR_ADAPTER_", "").replace(",", " ") for r in sel]
         ax.barh(names, [r["ms"] for r in sel],
                 color=["tab:blue" if n.startswith("effir") else "tab:gray" for n in names])
         for i, r in enumerate(sel):
