@@ -416,25 +416,25 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
         z, _x, cols, mask, offs = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
         dv, vhat = _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R, scaling,
-                                 POST_LN, CDT, IEEE)
+                             POST_LN, CDT, IEEE)
         wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=(cols < D)[:, None] & qmask[None, :], other=0.0)
         dh += _mm((scaling * dv).to(wu.dtype), wu, IEEE).to(CDT)
-        if POST_LN and not SPLIT:
-            tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
-        # this row block's column sums of the bias / LayerNorm gradients (masked rows add exact zeros):
-        # [s*dv | LN weight | LN bias]; the pre-LN's share of the last two is added in the last pass
-        pcol = PCOL + pid.to(tl.int64) * PCOL_W + cols
-        cmask = cols < D
-        if not SPLIT:
+        if not SPLIT:  # the split design writes nothing d-wide here: `_bwd_cols_kernel` takes these
+            if POST_LN:
+                tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
+            # this row block's column sums of the bias / LayerNorm gradients (masked rows add exact zeros):
+            # [s*dv | LN weight | LN bias]; the pre-LN's share of the last two is added in the last pass
+            pcol = PCOL + pid.to(tl.int64) * PCOL_W + cols
+            cmask = cols < D
             tl.store(pcol, tl.sum(scaling * dv, axis=0), mask=cmask)
-        if LN_GRADS and (PRE_LN or POST_LN) and not SPLIT:
-            lw = tl.zeros((BLOCK_K,), dtype=CDT)
-            lb = tl.zeros((BLOCK_K,), dtype=CDT)
-            if POST_LN:  # y = vhat * w + b
-                lw += tl.sum(dy * vhat, axis=0)
-                lb += tl.sum(dy, axis=0)
-            tl.store(pcol + D, lw, mask=cmask)
-            tl.store(pcol + 2 * D, lb, mask=cmask)
+            if LN_GRADS and (PRE_LN or POST_LN):
+                lw = tl.zeros((BLOCK_K,), dtype=CDT)
+                lb = tl.zeros((BLOCK_K,), dtype=CDT)
+                if POST_LN:  # y = vhat * w + b
+                    lw += tl.sum(dy * vhat, axis=0)
+                    lb += tl.sum(dy, axis=0)
+                tl.store(pcol + D, lw, mask=cmask)
+                tl.store(pcol + 2 * D, lb, mask=cmask)
     if A_SCRATCH:  # other threads of this program may have stored these elements (layouts differ): a barrier
         tl.debug_barrier()
         a = tl.load(ABUF + roffs, mask=rqmask, other=0.0)
@@ -658,11 +658,11 @@ def _tile_cached(kernel: str, d: int, r: int, dtype: torch.dtype, mixed: bool, e
 # 306 us at 32x128x4 against 513 at the former 64x64x8; row-gradient kernel 641 us at 64x64x4 against 971.
 # Four warps and short row blocks win, plausibly because more programs per SM hide the chunk loops' load latency
 # (the 8-warp tiles ran at 12.5% occupancy, register-bound, in run 3's Nsight Compute counters).
-# The row-gradient kernel at 64x64x4 needs more than the 255 registers a thread has and spills (152-356 B per
+# The row-gradient kernel at 64x64x4 needs more than the 255 registers a thread has and spills (20-344 B per
 # thread on sm_90 with the LayerNorm variants, bench/results/triton_aot_sm90.json), yet measured fastest: 641 us
 # against 784 us at 32x64x4, which does not spill (runs 4 and 5).
-# "cols" (`_bwd_cols_kernel`, EFFIR_ADAPTER_BWD=split; untimed): the largest tile without spill on sm_90 at 182
-# registers (32x64x4: 255 and 48 B spill; 64x64x8: 348 B; bench/triton_aot.py)
+# "cols" (`_bwd_cols_kernel`, EFFIR_ADAPTER_BWD=split; untimed): the largest tile without spill on sm_90, at most
+# 190 registers over the variants (seq_bn at d = 768: 32x64x4 255 and 48 B spill; 64x64x8 348 B; bench/triton_aot.py)
 _TILE_16BIT = {"fwd": (32, 128, 4), "bwd": (64, 64, 4), "cols": (32, 64, 8)}
 # Autocast's mix: the row backward reads fp32 z and dy, and the 64x64 tile then spills 616 B per thread on sm_90;
 # 32x32 on 8 warps does not (bench/results/triton_aot_sm90.json, "mixed")
