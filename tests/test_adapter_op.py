@@ -164,12 +164,15 @@ def test_triton_pfeiffer_writes_the_rounded_sum():
         fused_adapter_fwd(p["x"], p["res"], *params, "relu", 1.0, 1e-5, False, True, z_out=z)
 
 
+@pytest.mark.parametrize("design", ["rows", "split"])
 @pytest.mark.parametrize("variant", ["ln", "ln_pre"])
-def test_triton_layernorm_stress(variant):
+def test_triton_layernorm_stress(variant, design, monkeypatch):
     """Inputs that break naive LayerNorm arithmetic: row means 40 standard deviations off zero, the first d-chunk
     (the Pfeiffer kernel's centring shift) a further +10 off, one column 50x the others, a large LayerNorm
     bias. Sums of squares taken as E[z²] - mean² or an uncentred 16-bit tensor-core operand lose the signal;
-    Chan-merged statistics and the shifted operand must stay within the error rule in every dtype."""
+    Chan-merged statistics and the shifted operand must stay within the error rule in every dtype, in both
+    backward designs (EFFIR_ADAPTER_BWD)."""
+    monkeypatch.setenv("EFFIR_ADAPTER_BWD", design)
     p = make_inputs((3, 43), 200, 24, seed=29)
     for n in ("x", "res"):
         p[n] = p[n] + 20.0 * torch.randn(3, 43, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(31))
@@ -180,14 +183,17 @@ def test_triton_layernorm_stress(variant):
         check_all(variant, p, dtype, "triton", "silu")
 
 
+@pytest.mark.parametrize("design", ["rows", "split"])
 @pytest.mark.parametrize("scaling", [0.05, 30.0])
 @pytest.mark.parametrize("variant", ["ln", "ln_pre"])
-def test_triton_layernorm_backward_cancellation(variant, scaling):
+def test_triton_layernorm_backward_cancellation(variant, scaling, design, monkeypatch):
     """A tiny and a dominant adapter output (s = 0.05, 30), and a dy whose LayerNorm backward cancels most of it
     (g = dy * w within a few % of a multiple of v̂): dv = rstd (g - mean(g) - v̂ mean(g v̂)) is then a small
     difference, and must stay within the error rule. Not in float64: there torch's own error is zero and the
     cancellation costs more than the rule's few-ulp floor; float64 exactness is tested on well-conditioned
-    inputs above. (Kept from a removed two-pass design that took dv from sums, where this case was the risk.)"""
+    inputs above. (Kept from a removed two-pass design that took dv from sums, where this case was the risk.)
+    Both backward designs (EFFIR_ADAPTER_BWD)."""
+    monkeypatch.setenv("EFFIR_ADAPTER_BWD", design)
     p = make_inputs((41,), 200, 24, seed=5)
     y64 = run(variant, p, torch.float64, None, "silu", scaling=scaling)[0].detach()
     noise = torch.randn(y64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -201,9 +207,13 @@ def test_triton_layernorm_backward_cancellation(variant, scaling):
             assert_no_worse_than_torch(f"cancel/{variant}/{scaling}/{dtype} d{n}", a, b, c, dtype)
 
 
-def test_triton_backward_deterministic():
+@pytest.mark.parametrize("design", ["rows", "split"])
+@pytest.mark.parametrize("variant", ["ln", "ln_pre"])
+def test_triton_backward_deterministic(variant, design, monkeypatch):
+    """Bit-identical gradients run to run (fixed reduction orders, no atomics), in both backward designs."""
+    monkeypatch.setenv("EFFIR_ADAPTER_BWD", design)
     p = make_inputs((37,), 129, 48, seed=4)
-    outs = [run("ln", p, torch.float32, "triton", "gelu")[1] for _ in range(2)]
+    outs = [run(variant, p, torch.float32, "triton", "gelu")[1] for _ in range(2)]
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
