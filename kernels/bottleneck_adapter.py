@@ -37,6 +37,10 @@ A two-pass design that took v's statistics and the gradient through the post-Lay
 pass and the up-projection's moments (fewer passes, split 16-bit dots) was measured slower on the H100 (run 6,
 bench/results/gpu_h100_2026-11-27_run6: row backward 1505 us against 510 us, post-LN at 65536 tokens, d = 768)
 and removed.
+A split backward (row kernel with passes 1-3 writing only r-wide rows and 8 row scalars, then one kernel streaming
+over d-chunks for dx and all parameter gradients accumulated on chip, no GEMMs) was measured slower on the H100
+(run 9, bench/results/gpu_h100_2026-11-27_run9, seq_bn at 65536 tokens, d = 768: backward 834-1148 us over four
+tile choices against 709 us, the column kernel alone 465-550 us) and removed.
 Thin launchers only; autograd lives in effir/ops.
 """
 from __future__ import annotations
@@ -370,19 +374,15 @@ def _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R,
 
 
 @triton.jit
-def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, DABUF, ABUF, DV, U, PCOL, RSTAT,
+def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, DABUF, ABUF, DV, U, PCOL,
                      M, D, R, PCOL_W, SC, scaling, eps,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACT: tl.constexpr,
                      HAS_RES: tl.constexpr, PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr,
-                     CDT: tl.constexpr, LN_GRADS: tl.constexpr, U_FROM_Z: tl.constexpr, A_SCRATCH: tl.constexpr,
-                     SPLIT: tl.constexpr):
+                     CDT: tl.constexpr, LN_GRADS: tl.constexpr, U_FROM_Z: tl.constexpr, A_SCRATCH: tl.constexpr):
     """PCOL: (blocks, PCOL_W) per-row-block column sums (see `fused_adapter_bwd`). U_FROM_Z (Pfeiffer, 16-bit):
     u = LN(z) is not written; DABUF takes q = da * rstd1 instead of da, and PCOL's last R columns sum q * mean1,
     from which the dW_down GEMM runs over z itself (`_param_grads_gemm`). A_SCRATCH (`a_scratch`): the
-    pre-activation waits in ABUF (M, R) in CDT between pass 1 and its use after pass 3.
-    SPLIT (`bwd_design` "split"): passes 1-3 only, nothing d-wide written: act(a) and da (the weights' dtype) to
-    HBUF / DABUF and the row scalars [mean1, rstd1, e1, e2, mean2, rstd2, c1, c2] to RSTAT (8, M) in CDT, from
-    which `_bwd_cols_kernel` takes dx and every parameter gradient (DX, DRES, DV, U, PCOL unused)."""
+    pre-activation waits in ABUF (M, R) in CDT between pass 1 and its use after pass 3."""
     scaling, eps = _scalars(SC, scaling, eps, CDT)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -419,22 +419,21 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
                              POST_LN, CDT, IEEE)
         wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=(cols < D)[:, None] & qmask[None, :], other=0.0)
         dh += _mm((scaling * dv).to(wu.dtype), wu, IEEE).to(CDT)
-        if not SPLIT:  # the split design writes nothing d-wide here: `_bwd_cols_kernel` takes these
-            if POST_LN:
-                tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
-            # this row block's column sums of the bias / LayerNorm gradients (masked rows add exact zeros):
-            # [s*dv | LN weight | LN bias]; the pre-LN's share of the last two is added in the last pass
-            pcol = PCOL + pid.to(tl.int64) * PCOL_W + cols
-            cmask = cols < D
-            tl.store(pcol, tl.sum(scaling * dv, axis=0), mask=cmask)
-            if LN_GRADS and (PRE_LN or POST_LN):
-                lw = tl.zeros((BLOCK_K,), dtype=CDT)
-                lb = tl.zeros((BLOCK_K,), dtype=CDT)
-                if POST_LN:  # y = vhat * w + b
-                    lw += tl.sum(dy * vhat, axis=0)
-                    lb += tl.sum(dy, axis=0)
-                tl.store(pcol + D, lw, mask=cmask)
-                tl.store(pcol + 2 * D, lb, mask=cmask)
+        if POST_LN:
+            tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
+        # this row block's column sums of the bias / LayerNorm gradients (masked rows add exact zeros):
+        # [s*dv | LN weight | LN bias]; the pre-LN's share of the last two is added in the last pass
+        pcol = PCOL + pid.to(tl.int64) * PCOL_W + cols
+        cmask = cols < D
+        tl.store(pcol, tl.sum(scaling * dv, axis=0), mask=cmask)
+        if LN_GRADS and (PRE_LN or POST_LN):
+            lw = tl.zeros((BLOCK_K,), dtype=CDT)
+            lb = tl.zeros((BLOCK_K,), dtype=CDT)
+            if POST_LN:  # y = vhat * w + b
+                lw += tl.sum(dy * vhat, axis=0)
+                lb += tl.sum(dy, axis=0)
+            tl.store(pcol + D, lw, mask=cmask)
+            tl.store(pcol + 2 * D, lb, mask=cmask)
     if A_SCRATCH:  # other threads of this program may have stored these elements (layouts differ): a barrier
         tl.debug_barrier()
         a = tl.load(ABUF + roffs, mask=rqmask, other=0.0)
@@ -452,156 +451,51 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
         e1 = tl.sum(da * cw[None, :], axis=1) / D
         e2 = tl.sum(da * (a - bd[None, :] - cb[None, :]), axis=1) / D
     da = da.to(WD.dtype.element_ty)  # what the dot below takes: half the registers of fp32 at 16 bits
-    if SPLIT:
-        tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
-        st = RSTAT + rows  # (8, M): each scalar's rows contiguous, coalesced for both kernels
-        tl.store(st, mean1, mask=rmask)
-        tl.store(st + M, rstd1, mask=rmask)
-        tl.store(st + 2 * M, e1, mask=rmask)
-        tl.store(st + 3 * M, e2, mask=rmask)
-        tl.store(st + 4 * M, mean2, mask=rmask)
-        tl.store(st + 5 * M, rstd2, mask=rmask)
-        tl.store(st + 6 * M, c1, mask=rmask)
-        tl.store(st + 7 * M, c2, mask=rmask)
-    else:
-        # the stores above are read back below by other threads of this program
-        tl.debug_barrier()
-        for k0 in range(0, D, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            mask = rmask[:, None] & (cols < D)[None, :]
-            offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-            if POST_LN:  # dv as stored: the value dres (Houlsby) and the dW_up GEMM see
-                dv = tl.load(DV + offs, mask=mask, other=0.0).to(CDT)
-            else:
-                dv = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
-            wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :],
-                         other=0.0)
-            du = _mm(da, wd, IEEE).to(CDT)
-            if PRE_LN:
-                z, x, _c, _m, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
-                u, uhat = _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN, CDT)
-                w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
-                dz = _dz_pre(dv, du, uhat, w, mask, e1, e2, rstd1)
-                tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
-                if HAS_RES:
-                    tl.store(DRES + offs, dz.to(DRES.dtype.element_ty), mask=mask)
-                if not U_FROM_Z:
-                    tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)  # the dW_down GEMM's operand
-                if LN_GRADS:  # u = uhat * w + b, the same LayerNorm: add its share to pass 3's sums
-                    pcol = PCOL + pid.to(tl.int64) * PCOL_W + cols
-                    cmask = cols < D
-                    tl.store(pcol + D, tl.load(pcol + D, mask=cmask, other=0.0) + tl.sum(du * uhat, axis=0),
-                             mask=cmask)
-                    tl.store(pcol + 2 * D, tl.load(pcol + 2 * D, mask=cmask, other=0.0) + tl.sum(du, axis=0),
-                             mask=cmask)
-            else:
-                tl.store(DX + offs, (dv + du).to(DX.dtype.element_ty), mask=mask)  # Houlsby: dres = dv is stored
-        # this row block's column sums of da as rounded (db_down), after the three d-wide ones
-        tl.store(PCOL + pid.to(tl.int64) * PCOL_W + 3 * D + rr,
-                 tl.sum(tl.where(rqmask, da.to(DABUF.dtype.element_ty).to(CDT), 0.0), axis=0), mask=qmask)
-        if U_FROM_Z:
-            # dW_down = daᵀ u with u = (z - mean1) rstd1 w + b, as (qᵀ z - Σ q mean1) w + (Σ da) b, q = da rstd1:
-            # the GEMM reads the z it has anyway instead of a u written here (M d 16-bit bytes less). The sum takes
-            # q as stored, so the GEMM's qᵀ z and it cancel exactly what they share
-            q = (da.to(CDT) * rstd1[:, None]).to(DABUF.dtype.element_ty)
-            tl.store(DABUF + roffs, q, mask=rqmask)
-            tl.store(PCOL + pid.to(tl.int64) * PCOL_W + 3 * D + R + rr,
-                     tl.sum(tl.where(rqmask, q.to(CDT) * mean1[:, None], 0.0), axis=0), mask=qmask)
+    # the stores above are read back below by other threads of this program
+    tl.debug_barrier()
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = rmask[:, None] & (cols < D)[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        if POST_LN:  # dv as stored: the value dres (Houlsby) and the dW_up GEMM see
+            dv = tl.load(DV + offs, mask=mask, other=0.0).to(CDT)
         else:
-            tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
-
-
-@triton.jit
-def _bwd_cols_kernel(DY, X, RES, WD, WU, BU, LNW, LNB, HBUF, DABUF, RSTAT, DX, DRES, PART,
-                     M, D, R, ROWS_PER_PROG, PART_W, SC, scaling, eps,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, HAS_RES: tl.constexpr,
-                     PRE_LN: tl.constexpr, POST_LN: tl.constexpr, IEEE: tl.constexpr, CDT: tl.constexpr,
-                     LN_GRADS: tl.constexpr, DV_WIDE: tl.constexpr):
-    """The split backward's second kernel: program (j, s) owns the d-chunk j of the rows [s ROWS_PER_PROG,
-    (s + 1) ROWS_PER_PROG) and walks them BLOCK_M at a time, one pass, nothing recomputed across the row: with
-    the row scalars RSTAT, act(a) (HBUF) and da (DABUF) from `_bwd_rows_kernel` (SPLIT) each tile is complete, so
-    it reads x (and res) and dy once and writes dx (and dres) once. The parameter gradients of its chunk
-    accumulate on chip over its rows, dW_up[j] += (dv)ᵀ h and dW_down[:, j] += daᵀ u as tensor-core dots (dv and
-    u rounded to the weights' dtype, as the GEMMs of the default design and torch's autograd take them), with
-    the column sums; at the end one row of PART (splits, PART_W) = [s dW_up (D, R) | dW_down (R, D) | s Σdv (D) |
-    LN weight (D) | LN bias (D) | Σda (R, chunk 0 only)], reduced over splits by one sum: no atomics, no GEMM
-    re-reading d-wide scratch. DV_WIDE (Houlsby in autocast's mix): dv keeps the residual's fp32 in dW_up."""
-    scaling, eps = _scalars(SC, scaling, eps, CDT)
-    pid_k = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    cmask = cols < D
-    rr = tl.arange(0, BLOCK_R)
-    qmask = rr < R
-    wq = qmask[:, None] & cmask[None, :]
-    # the chunk's weights, loaded once for all the program's rows
-    wut = tl.load(WU + cols[None, :] * R + rr[:, None], mask=wq, other=0.0)  # Wuᵀ (BLOCK_R, BLOCK_K)
-    wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=wq, other=0.0)  # Wd (BLOCK_R, BLOCK_K)
-    bu = tl.load(BU + cols, mask=cmask, other=0.0).to(CDT)
-    lw = tl.zeros((BLOCK_K,), dtype=CDT)
-    lb = lw
-    if PRE_LN or POST_LN:
-        lw = tl.load(LNW + cols, mask=cmask, other=0.0).to(CDT)
-        lb = tl.load(LNB + cols, mask=cmask, other=0.0).to(CDT)
-    acc_wu = tl.zeros((BLOCK_K, BLOCK_R), dtype=CDT)
-    acc_wd = tl.zeros((BLOCK_R, BLOCK_K), dtype=CDT)
-    s_dv = tl.zeros((BLOCK_K,), dtype=CDT)
-    s_lw = s_dv
-    s_lb = s_dv
-    s_da = tl.zeros((BLOCK_R,), dtype=CDT)
-    row_lo = pid_s * ROWS_PER_PROG
-    row_hi = tl.minimum(row_lo + ROWS_PER_PROG, M)
-    for m0 in range(row_lo, row_hi, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < row_hi
-        z, x, _c, mask, offs = _load_z(X, RES, rows, rmask, pid_k * BLOCK_K, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
-        roffs = rows[:, None].to(tl.int64) * R + rr[None, :]
-        rq = rmask[:, None] & qmask[None, :]
-        h = tl.load(HBUF + roffs, mask=rq, other=0.0)
-        da = tl.load(DABUF + roffs, mask=rq, other=0.0)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
-        st = RSTAT + rows
-        dv = dy
-        if POST_LN:
-            v = _v_from(z, h, wut, bu, mask, scaling, CDT, IEEE)
-            dv, vhat = _dv_from(dy, v, lw, mask, tl.load(st + 4 * M, mask=rmask, other=0.0),
-                                tl.load(st + 5 * M, mask=rmask, other=0.0), tl.load(st + 6 * M, mask=rmask, other=0.0),
-                                tl.load(st + 7 * M, mask=rmask, other=0.0))
-            if LN_GRADS:  # y = vhat * w + b
-                s_lw += tl.sum(dy * vhat, axis=0)
-                s_lb += tl.sum(dy, axis=0)
+            dv = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
+        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :],
+                     other=0.0)
         du = _mm(da, wd, IEEE).to(CDT)
         if PRE_LN:
-            rstd1 = tl.load(st + M, mask=rmask, other=0.0)
-            u, uhat = _u_from(z, lw, lb, mask, tl.load(st, mask=rmask, other=0.0), rstd1)
-            dz = _dz_pre(dv, du, uhat, lw, mask, tl.load(st + 2 * M, mask=rmask, other=0.0),
-                         tl.load(st + 3 * M, mask=rmask, other=0.0), rstd1)
+            z, x, _c, _m, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
+            u, uhat = _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN, CDT)
+            w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
+            dz = _dz_pre(dv, du, uhat, w, mask, e1, e2, rstd1)
             tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
             if HAS_RES:
                 tl.store(DRES + offs, dz.to(DRES.dtype.element_ty), mask=mask)
-            if LN_GRADS:  # u = uhat * w + b, the same LayerNorm
-                s_lw += tl.sum(du * uhat, axis=0)
-                s_lb += tl.sum(du, axis=0)
+            if not U_FROM_Z:
+                tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)  # the dW_down GEMM's operand
+            if LN_GRADS:  # u = uhat * w + b, the same LayerNorm: add its share to pass 3's sums
+                pcol = PCOL + pid.to(tl.int64) * PCOL_W + cols
+                cmask = cols < D
+                tl.store(pcol + D, tl.load(pcol + D, mask=cmask, other=0.0) + tl.sum(du * uhat, axis=0),
+                         mask=cmask)
+                tl.store(pcol + 2 * D, tl.load(pcol + 2 * D, mask=cmask, other=0.0) + tl.sum(du, axis=0),
+                         mask=cmask)
         else:
-            u = x
-            tl.store(DX + offs, (dv + du).to(DX.dtype.element_ty), mask=mask)
-            if HAS_RES:  # Houlsby: dres = dv
-                tl.store(DRES + offs, dv.to(DRES.dtype.element_ty), mask=mask)
-        if DV_WIDE:
-            acc_wu += _mm(tl.trans(dv), h.to(CDT), True)
-        else:
-            acc_wu += _mm(tl.trans(dv.to(h.dtype)), h, IEEE).to(CDT)
-        acc_wd += _mm(tl.trans(da), u.to(da.dtype), IEEE).to(CDT)
-        s_dv += tl.sum(dv, axis=0)
-        s_da += tl.sum(da.to(CDT), axis=0)  # masked rows and columns loaded as zeros
-    part = PART + pid_s.to(tl.int64) * PART_W
-    tl.store(part + cols[:, None] * R + rr[None, :], acc_wu * scaling, mask=cmask[:, None] & qmask[None, :])
-    tl.store(part + D * R + rr[:, None] * D + cols[None, :], acc_wd, mask=wq)
-    tl.store(part + 2 * D * R + cols, s_dv * scaling, mask=cmask)
-    if LN_GRADS and (PRE_LN or POST_LN):
-        tl.store(part + 2 * D * R + D + cols, s_lw, mask=cmask)
-        tl.store(part + 2 * D * R + 2 * D + cols, s_lb, mask=cmask)
-    tl.store(part + 2 * D * R + 3 * D + rr, s_da, mask=qmask & (pid_k == 0))
+            tl.store(DX + offs, (dv + du).to(DX.dtype.element_ty), mask=mask)  # Houlsby: dres = dv is stored
+    # this row block's column sums of da as rounded (db_down), after the three d-wide ones
+    tl.store(PCOL + pid.to(tl.int64) * PCOL_W + 3 * D + rr,
+             tl.sum(tl.where(rqmask, da.to(DABUF.dtype.element_ty).to(CDT), 0.0), axis=0), mask=qmask)
+    if U_FROM_Z:
+        # dW_down = daᵀ u with u = (z - mean1) rstd1 w + b, as (qᵀ z - Σ q mean1) w + (Σ da) b, q = da rstd1:
+        # the GEMM reads the z it has anyway instead of a u written here (M d 16-bit bytes less). The sum takes
+        # q as stored, so the GEMM's qᵀ z and it cancel exactly what they share
+        q = (da.to(CDT) * rstd1[:, None]).to(DABUF.dtype.element_ty)
+        tl.store(DABUF + roffs, q, mask=rqmask)
+        tl.store(PCOL + pid.to(tl.int64) * PCOL_W + 3 * D + R + rr,
+                 tl.sum(tl.where(rqmask, q.to(CDT) * mean1[:, None], 0.0), axis=0), mask=qmask)
+    else:
+        tl.store(DABUF + roffs, da.to(DABUF.dtype.element_ty), mask=rqmask)
 
 
 def _blocks(d: int, r: int, dtype: torch.dtype):
@@ -622,11 +516,10 @@ _TILE_CHOICES = tuple(f"{m}x{k}x{w}" for m in (16, 32, 64, 128, 256) for k in (1
 
 
 def _tile(kernel: str, d: int, r: int, dtype: torch.dtype, mixed: bool = False):
-    """(BLOCK_M, BLOCK_K, BLOCK_R, num_warps) of the forward (kernel="fwd"), row-gradient ("bwd") or the split
-    backward's column ("cols") kernel; `mixed`: autocast's mix (fp32 activations with 16-bit weights of `dtype`),
-    more registers per element.
+    """(BLOCK_M, BLOCK_K, BLOCK_R, num_warps) of the forward (kernel="fwd") or row-gradient ("bwd") kernel;
+    `mixed`: autocast's mix (fp32 activations with 16-bit weights of `dtype`), more registers per element.
 
-    16-bit inputs read EFFIR_ADAPTER_{FWD,BWD,COLS}_TILE, else EFFIR_ADAPTER_TILE, as
+    16-bit inputs read EFFIR_ADAPTER_{FWD,BWD}_TILE, else EFFIR_ADAPTER_TILE, as
     "BLOCK_MxBLOCK_KxWARPS" (e.g. "128x64x8"): more rows per program re-read the weight chunks (from L2) for
     fewer programs, wider chunks mean fewer, larger tensor-core steps, both at the cost of registers. Timed side
     by side by bench/gpu/adapter.py. fp32 / fp64 always take the defaults (their tests pin the rounding)."""
@@ -639,9 +532,6 @@ def _tile_cached(kernel: str, d: int, r: int, dtype: torch.dtype, mixed: bool, e
     # cached: every call of the op asks, and triton.next_power_of_2 alone costs microseconds of host time
     bm, bk, br = _blocks(d, r, dtype)
     warps = _warps(bm, bk, br)
-    if kernel in _TILE_WIDE and dtype in _TILE_WIDE[kernel]:
-        bm, bk, warps = _TILE_WIDE[kernel][dtype]
-        bk = max(16, min(bk, triton.next_power_of_2(d)))
     if dtype in (torch.float16, torch.bfloat16):
         bm, bk, warps = (_TILE_16BIT_MIXED if mixed else _TILE_16BIT).get(kernel, _TILE_16BIT[kernel])
         v = env_choice(f"EFFIR_ADAPTER_{kernel.upper()}_TILE", _TILE_CHOICES, None)
@@ -661,22 +551,20 @@ def _tile_cached(kernel: str, d: int, r: int, dtype: torch.dtype, mixed: bool, e
 # The row-gradient kernel at 64x64x4 needs more than the 255 registers a thread has and spills (20-344 B per
 # thread on sm_90 with the LayerNorm variants, bench/results/triton_aot_sm90.json), yet measured fastest: 641 us
 # against 784 us at 32x64x4, which does not spill (runs 4 and 5).
-# "cols" (`_bwd_cols_kernel`, EFFIR_ADAPTER_BWD=split; untimed): the largest tile without spill on sm_90, at most
-# 190 registers over the variants (seq_bn at d = 768: 32x64x4 255 and 48 B spill; 64x64x8 348 B; bench/triton_aot.py)
-_TILE_16BIT = {"fwd": (32, 128, 4), "bwd": (64, 64, 4), "cols": (32, 64, 8)}
+_TILE_16BIT = {"fwd": (32, 128, 4), "bwd": (64, 64, 4)}
 # Autocast's mix: the row backward reads fp32 z and dy, and the 64x64 tile then spills 616 B per thread on sm_90;
 # 32x32 on 8 warps does not (bench/results/triton_aot_sm90.json, "mixed")
-_TILE_16BIT_MIXED = {"bwd": (32, 32, 8), "cols": (32, 64, 8)}
-# fp32 / fp64 column kernel (BLOCK_M, BLOCK_K, warps): its two (BLOCK_K, BLOCK_R) accumulators in registers spill
-# at the generic fp32 default (64x64x8: 3316 B a thread on sm_90, seq_bn); 16x32x4 spills 12 B in fp32, and fp64
-# at 16x16x4 416 B (the row kernel's fp64 spills 852), bench/triton_aot.py
-_TILE_WIDE = {"cols": {torch.float32: (16, 32, 4), torch.float64: (16, 16, 4)}}
+_TILE_16BIT_MIXED = {"bwd": (32, 32, 8)}
 
 
-def _stages(*tensors: torch.Tensor) -> int:
-    # the chunk loops re-read a row block that sits in L1/L2: deep software pipelining buys little and its
-    # multi-buffered (BLOCK_M, BLOCK_K) / (BLOCK_K, BLOCK_R) tiles would overflow shared memory in fp32 / fp64
-    return 2 if all(t.element_size() == 2 for t in tensors if t is not None) else 1
+def _stages(kernel: str, *tensors: torch.Tensor) -> int:
+    """Software-pipelining depth (num_stages) of the forward ("fwd") or row-gradient ("bwd") kernel's chunk loops.
+    16-bit: 2, or EFFIR_ADAPTER_{FWD,BWD}_STAGES (1-4; timed beside the default by bench/gpu/adapter.py): deeper
+    pipelines keep more chunk loads in flight, at the cost of shared memory (fewer programs per SM). fp32 / fp64: 1,
+    their multi-buffered (BLOCK_M, BLOCK_K) / (BLOCK_K, BLOCK_R) tiles would overflow shared memory."""
+    if not all(t.element_size() == 2 for t in tensors if t is not None):
+        return 1
+    return int(env_choice(f"EFFIR_ADAPTER_{kernel.upper()}_STAGES", ("1", "2", "3", "4"), "2"))
 
 
 def _warps(bm: int, bk: int, br: int) -> int:
@@ -724,43 +612,18 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
         _wd_ln(w_down, ln_weight, ln_bias, br, x) if pre_ln else dummy, y,
         z_out if z_out is not None else dummy, m, d, r, *_scalar_args(x, scaling, eps), BLOCK_M=bm, BLOCK_K=bk,
         BLOCK_R=br, ACT=ACT_IDS[activation], HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln,
-        num_warps=warps, num_stages=_stages(x, res), WRITE_Z=z_out is not None,
+        num_warps=warps, num_stages=_stages("fwd", x, res), WRITE_Z=z_out is not None,
         **_flags(x, w_down))
     return y
 
 
 def a_scratch() -> bool:
-    """EFFIR_ADAPTER_A_SCRATCH ("0" by default; untimed): "1" has the row-gradient kernel park its (BLOCK_M,
-    BLOCK_R) fp32 pre-activation in an (M, r) scratch over passes 2-3 instead of registers. On sm_90 that cuts
+    """EFFIR_ADAPTER_A_SCRATCH ("1" by default): the row-gradient kernel parks its (BLOCK_M, BLOCK_R) fp32
+    pre-activation in an (M, r) scratch over passes 2-3 instead of registers ("0": registers). On sm_90 that cuts
     the 16-bit seq_bn relu kernel's spill from 344 to 56 B a thread (bench/triton_aot.py), for 2 x M r x 4 bytes
-    of (mostly L2) traffic; whether it is faster is for the next GPU run (bench/gpu/adapter.py TILES)."""
-    return env_choice("EFFIR_ADAPTER_A_SCRATCH", ("0", "1"), "0") == "1"
-
-
-def bwd_design() -> str:
-    """EFFIR_ADAPTER_BWD: "rows" (default) or "split" (untimed). "rows": `_bwd_rows_kernel` writes dx and the
-    d-wide GEMM operands (dv, and u outside 16-bit seq_bn), two cuBLAS GEMMs take the weight gradients.
-    "split": `_bwd_rows_kernel` (SPLIT) keeps passes 1-3 and writes only r-wide rows and 8 row scalars, then
-    `_bwd_cols_kernel` streams over d-chunks once, writing dx and accumulating the weight gradients on chip: at
-    seq_bn, 65536 tokens, d = 768, bf16 that is ~500 MB of HBM traffic in the backward against ~600 MB, no
-    d-wide scratch and no GEMMs, and a row kernel with one pass less and no stores in its chunk loops. Whether
-    it is faster is for the next GPU run (bench/gpu/adapter.py TILES)."""
-    return env_choice("EFFIR_ADAPTER_BWD", ("rows", "split"), "rows")
-
-
-@functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _col_splits(m: int, bm: int, n_chunks: int, device: torch.device) -> int:
-    """Rows per program of `_bwd_cols_kernel`: enough programs for ~4 per SM with the d-chunks, each walking as
-    many row tiles as that leaves (fewer splits: less partial-sum traffic, PART_W fp32 values each). On CPU (the
-    interpreter) two splits, so tests see several row tiles per program and a reduction over splits."""
-    tiles = triton.cdiv(m, bm)
-    target = 4 * _sm_count(device) if device.type == "cuda" else 2 * n_chunks
-    splits = max(1, min(tiles, triton.cdiv(target, n_chunks)))
-    return triton.cdiv(tiles, splits) * bm
+    of (mostly L2) traffic; H100 run 9 (bench/results/gpu_h100_2026-11-27_run9, seq_bn at 65536 tokens, d = 768):
+    row kernel 567 against 582 us, step 1.011 against 1.025 ms."""
+    return env_choice("EFFIR_ADAPTER_A_SCRATCH", ("0", "1"), "1") == "1"
 
 
 def _wd_ln(w_down, ln_weight, ln_bias, block_r: int, x) -> torch.Tensor:
@@ -781,9 +644,6 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     dtypes as `fused_adapter_fwd` takes them (x, res, dy; dx / dres like x / res).
     ln_param_grads=False (frozen LayerNorm): the two LayerNorm gradients are not computed and come back
     uninitialised (torch.empty: no kernel fills them; the ops' autograd drops them)."""
-    if bwd_design() == "split":
-        return _fused_adapter_bwd_split(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation,
-                                        scaling, eps, pre_ln, post_ln, ln_param_grads)
     m, d, r, cdt, mixed, (bm, bk, br, warps), dx, dres, hbuf, dabuf = _bwd_common(dy, x, res, w_down)
     dev, gdt, dummy, has_res = x.device, w_down.dtype, x, res is not None
     # u = LN(z) and dv (the weight-gradient GEMMs' operands) in the weights' dtype too (see `_bwd_common`)
@@ -812,9 +672,9 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
         dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb,
         _wd_ln(w_down, ln_weight, ln_bias, br, x) if pre_ln else dummy, dx,
         dres if has_res else dummy, hbuf, dabuf, torch.empty((m, r), dtype=cdt, device=dev) if a_scr else dummy,
-        dv, u, pcol, dummy, m, d, r, pcol_w, *sc,
+        dv, u, pcol, m, d, r, pcol_w, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
-        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z, A_SCRATCH=a_scr, SPLIT=False,
+        num_stages=_stages("bwd", x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z, A_SCRATCH=a_scr,
         **flags)
     grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln and not u_from_z else None, hbuf, dabuf, pcol,
                               scaling, (ln_weight, ln_bias) if u_from_z else None)
@@ -848,44 +708,6 @@ def _grads_out(grads, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ln: bool, 
     elif ln:  # frozen LayerNorm: nothing reduced, and nothing filled either (no kernel launch)
         dlnw, dlnb = torch.empty_like(ln_weight), torch.empty_like(ln_bias)
     return dw_down, db_down, dw_up, db_up, dlnw, dlnb
-
-
-def _fused_adapter_bwd_split(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, activation: str,
-                             scaling: float, eps: float, pre_ln: bool, post_ln: bool, ln_param_grads: bool):
-    """`fused_adapter_bwd` as two kernels (`bwd_design` "split"): the row kernel's passes 1-3 (SPLIT), then
-    `_bwd_cols_kernel` for dx and all parameter gradients; same contract and outputs."""
-    m, d, r, cdt, mixed, (bm, bk, br, warps), dx, dres, hbuf, dabuf = _bwd_common(dy, x, res, w_down)
-    dev, gdt, dummy, has_res = x.device, w_down.dtype, x, res is not None
-    rstat = torch.empty((8, m), dtype=cdt, device=dev)
-    lnw = ln_weight if ln_weight is not None else dummy
-    lnb = ln_bias if ln_bias is not None else dummy
-    flags = dict(HAS_RES=has_res, PRE_LN=pre_ln, POST_LN=post_ln, **_flags(x, w_down))
-    sc = _scalar_args(x, scaling, eps)
-    a_scr = a_scratch()
-    _bwd_rows_kernel[(triton.cdiv(m, bm),)](
-        dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb,
-        _wd_ln(w_down, ln_weight, ln_bias, br, x) if pre_ln else dummy, dummy, dummy, hbuf, dabuf,
-        torch.empty((m, r), dtype=cdt, device=dev) if a_scr else dummy, dummy, dummy, dummy, rstat, m, d, r, 0, *sc,
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
-        num_stages=_stages(x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=False, A_SCRATCH=a_scr, SPLIT=True,
-        **flags)
-    cbm, cbk, _br, cwarps = _tile("cols", d, r, w_down.dtype, mixed)
-    n_chunks = triton.cdiv(d, cbk)
-    rows_per = _col_splits(m, cbm, n_chunks, dev)
-    splits = triton.cdiv(m, rows_per)
-    part_w = 2 * d * r + 3 * d + r
-    part = torch.empty((splits, part_w), dtype=cdt, device=dev)
-    _bwd_cols_kernel[(n_chunks, splits)](
-        dy, x, res if has_res else dummy, w_down, w_up, b_up, lnw, lnb, hbuf, dabuf, rstat, dx,
-        dres if has_res else dummy, part, m, d, r, rows_per, part_w, *sc,
-        BLOCK_M=cbm, BLOCK_K=cbk, BLOCK_R=br, num_warps=cwarps, num_stages=_stages(x, res, dy),
-        LN_GRADS=ln_param_grads, DV_WIDE=has_res and post_ln and not pre_ln and res.dtype != gdt, **flags)
-    sums = part.sum(0)
-    dr = d * r
-    grads = (sums[dr:2 * dr].view(r, d), sums[2 * dr + 3 * d:], sums[:dr].view(d, r), sums[2 * dr:2 * dr + d],
-             sums[2 * dr + d:2 * dr + 2 * d], sums[2 * dr + 2 * d:2 * dr + 3 * d])
-    return dx, dres, *_grads_out(grads, w_down, b_down, w_up, b_up, ln_weight, ln_bias, pre_ln or post_ln,
-                                 ln_param_grads)
 
 
 def _param_grads_gemm(dv, x, u, hbuf, dabuf, pcol, scaling: float, ln_from_z=None):

@@ -164,15 +164,12 @@ def test_triton_pfeiffer_writes_the_rounded_sum():
         fused_adapter_fwd(p["x"], p["res"], *params, "relu", 1.0, 1e-5, False, True, z_out=z)
 
 
-@pytest.mark.parametrize("design", ["rows", "split"])
 @pytest.mark.parametrize("variant", ["ln", "ln_pre"])
-def test_triton_layernorm_stress(variant, design, monkeypatch):
+def test_triton_layernorm_stress(variant):
     """Inputs that break naive LayerNorm arithmetic: row means 40 standard deviations off zero, the first d-chunk
     (the Pfeiffer kernel's centring shift) a further +10 off, one column 50x the others, a large LayerNorm
     bias. Sums of squares taken as E[z²] - mean² or an uncentred 16-bit tensor-core operand lose the signal;
-    Chan-merged statistics and the shifted operand must stay within the error rule in every dtype, in both
-    backward designs (EFFIR_ADAPTER_BWD)."""
-    monkeypatch.setenv("EFFIR_ADAPTER_BWD", design)
+    Chan-merged statistics and the shifted operand must stay within the error rule in every dtype."""
     p = make_inputs((3, 43), 200, 24, seed=29)
     for n in ("x", "res"):
         p[n] = p[n] + 20.0 * torch.randn(3, 43, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(31))
@@ -183,17 +180,14 @@ def test_triton_layernorm_stress(variant, design, monkeypatch):
         check_all(variant, p, dtype, "triton", "silu")
 
 
-@pytest.mark.parametrize("design", ["rows", "split"])
 @pytest.mark.parametrize("scaling", [0.05, 30.0])
 @pytest.mark.parametrize("variant", ["ln", "ln_pre"])
-def test_triton_layernorm_backward_cancellation(variant, scaling, design, monkeypatch):
+def test_triton_layernorm_backward_cancellation(variant, scaling):
     """A tiny and a dominant adapter output (s = 0.05, 30), and a dy whose LayerNorm backward cancels most of it
     (g = dy * w within a few % of a multiple of v̂): dv = rstd (g - mean(g) - v̂ mean(g v̂)) is then a small
     difference, and must stay within the error rule. Not in float64: there torch's own error is zero and the
     cancellation costs more than the rule's few-ulp floor; float64 exactness is tested on well-conditioned
-    inputs above. (Kept from a removed two-pass design that took dv from sums, where this case was the risk.)
-    Both backward designs (EFFIR_ADAPTER_BWD)."""
-    monkeypatch.setenv("EFFIR_ADAPTER_BWD", design)
+    inputs above. (Kept from a removed two-pass design that took dv from sums, where this case was the risk.)"""
     p = make_inputs((41,), 200, 24, seed=5)
     y64 = run(variant, p, torch.float64, None, "silu", scaling=scaling)[0].detach()
     noise = torch.randn(y64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -207,11 +201,9 @@ def test_triton_layernorm_backward_cancellation(variant, scaling, design, monkey
             assert_no_worse_than_torch(f"cancel/{variant}/{scaling}/{dtype} d{n}", a, b, c, dtype)
 
 
-@pytest.mark.parametrize("design", ["rows", "split"])
 @pytest.mark.parametrize("variant", ["ln", "ln_pre"])
-def test_triton_backward_deterministic(variant, design, monkeypatch):
-    """Bit-identical gradients run to run (fixed reduction orders, no atomics), in both backward designs."""
-    monkeypatch.setenv("EFFIR_ADAPTER_BWD", design)
+def test_triton_backward_deterministic(variant):
+    """Bit-identical gradients run to run (fixed reduction orders, no atomics)."""
     p = make_inputs((37,), 129, 48, seed=4)
     outs = [run(variant, p, torch.float32, "triton", "gelu")[1] for _ in range(2)]
     for a, b in zip(*outs):
@@ -238,13 +230,10 @@ def test_frozen_layernorm_params_get_no_grad(backend, ln_before, monkeypatch):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("design", ["rows", "split"])
-def test_triton_frozen_layernorm_bf16_dw_down_from_z(design, monkeypatch):
+def test_triton_frozen_layernorm_bf16_dw_down_from_z():
     """16-bit seq_bn takes dW_down from z (no u written) with the frozen LayerNorm's weight and bias: with the
     LayerNorm frozen (its column sums skipped) the adapter's gradients still match float64 within the rule, on
-    rows far off zero where qᵀ z and Σ q mean1 cancel most. The split backward (EFFIR_ADAPTER_BWD=split, which
-    takes dW_down from a rounded u on chip) on the same rows."""
-    monkeypatch.setenv("EFFIR_ADAPTER_BWD", design)
+    rows far off zero where qᵀ z and Σ q mean1 cancel most."""
     p = make_inputs((3, 53), 200, 24, seed=41)
     for n in ("x", "res"):
         p[n] = p[n] + 3.0 + 0.5 * torch.randn(3, 53, 1, dtype=torch.float64,
@@ -268,41 +257,11 @@ def test_triton_frozen_layernorm_bf16_dw_down_from_z(design, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_triton_a_scratch(dtype, variant, monkeypatch):
-    """EFFIR_ADAPTER_A_SCRATCH=1: the row kernel parks its pre-activation in memory over passes 2-3; the same
-    results as from registers, every variant and dtype, several row blocks (stored and read per block)."""
-    monkeypatch.setenv("EFFIR_ADAPTER_A_SCRATCH", "1")
+def test_triton_a_in_registers(dtype, variant, monkeypatch):
+    """EFFIR_ADAPTER_A_SCRATCH=0: the row kernel keeps its pre-activation in registers over passes 2-3 instead of
+    parking it in memory (the default); the same results, every variant and dtype, several row blocks."""
+    monkeypatch.setenv("EFFIR_ADAPTER_A_SCRATCH", "0")
     check_all(variant, make_inputs((157,), 200, 24, seed=19), dtype, "triton", "silu")
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_triton_split_backward(variant, act, dtype, monkeypatch):
-    """EFFIR_ADAPTER_BWD=split: the row kernel's passes 1-3, then one streaming kernel over d-chunks for dx and
-    every parameter gradient (accumulated on chip, reduced over row splits). Every variant, activation and dtype
-    at 157 tokens (the column kernel walks several row tiles per program, over two splits) and d = 200 (chunks
-    of 64: the last one partial), r = 24."""
-    monkeypatch.setenv("EFFIR_ADAPTER_BWD", "split")
-    seed = zlib.crc32(f"split/{act}/{variant}".encode()) % 1000
-    check_all(variant, make_inputs((157,), 200, 24, seed=seed), dtype, "triton", act)
-
-
-@pytest.mark.parametrize("shape,d,r", [((1,), 7, 1), ((129,), 7, 1), ((3,), 768, 48), ((2, 3), 129, 1)])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_triton_split_backward_shapes(variant, shape, d, r, monkeypatch):
-    """The split backward at one token, d = 7 with r = 1, and d = 768 (12 chunks)."""
-    monkeypatch.setenv("EFFIR_ADAPTER_BWD", "split")
-    check_all(variant, make_inputs(shape, d, r, seed=d + r), torch.float32, "triton", "silu")
-
-
-@pytest.mark.parametrize("hdt", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("variant", ["ln", "ln_pre"])
-def test_triton_split_backward_mixed(variant, hdt, monkeypatch):
-    """The split backward on autocast's mix (16-bit h and adapter weights, fp32 residual and LayerNorm): Houlsby's
-    dW_up from the fp32 dv (DV_WIDE), as the default design's GEMM over the fp32 dres."""
-    monkeypatch.setenv("EFFIR_ADAPTER_BWD", "split")
-    test_mixed_precision_matches_float64(variant, hdt, "triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -315,13 +274,13 @@ def test_triton_param_gradients(dtype, variant):
 
 @pytest.mark.parametrize("tiles", [{"EFFIR_ADAPTER_TILE": "32x64x4"}, {"EFFIR_ADAPTER_TILE": "128x32x8"},
                                    {"EFFIR_ADAPTER_FWD_TILE": "16x128x4", "EFFIR_ADAPTER_BWD_TILE": "128x256x16"},
-                                   {"EFFIR_ADAPTER_BWD": "split", "EFFIR_ADAPTER_COLS_TILE": "16x32x2"},
-                                   {"EFFIR_ADAPTER_BWD": "split", "EFFIR_ADAPTER_BWD_TILE": "32x64x4",
-                                    "EFFIR_ADAPTER_COLS_TILE": "64x256x8", "EFFIR_ADAPTER_A_SCRATCH": "1"}],
-                         ids=["32x64", "128x32", "fwd16x128-bwd128x256", "split-cols16x32", "split-cols64x256"])
+                                   {"EFFIR_ADAPTER_BWD_TILE": "32x64x4", "EFFIR_ADAPTER_A_SCRATCH": "0",
+                                    "EFFIR_ADAPTER_FWD_STAGES": "4", "EFFIR_ADAPTER_BWD_STAGES": "1"}],
+                         ids=["32x64", "128x32", "fwd16x128-bwd128x256", "bwd32x64-registers-stages"])
 def test_triton_tiles(tiles, monkeypatch):
     """The forward / row-gradient kernels with other tiles (EFFIR_ADAPTER_*TILE, 16-bit), also a different one
-    per kernel: chunks wider than d (256 > 200) and row blocks taller than the 157 tokens included."""
+    per kernel: chunks wider than d (256 > 200) and row blocks taller than the 157 tokens included; and with the
+    other knobs the GPU bench times (pipelining depths, the pre-activation in registers)."""
     for name, value in tiles.items():
         monkeypatch.setenv(name, value)
     check_all("ln_pre", make_inputs((157,), 200, 24, seed=17), torch.bfloat16, "triton", "silu")

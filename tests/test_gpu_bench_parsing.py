@@ -29,20 +29,24 @@ def test_tile_env_parses_every_form():
     assert _tile_env("32x128x4/128x64x8") == {"EFFIR_ADAPTER_FWD_TILE": "32x128x4",
                                               "EFFIR_ADAPTER_BWD_TILE": "128x64x8"}
     assert _tile_env("64x64x4") == {"EFFIR_ADAPTER_TILE": "64x64x4"}
-    assert _tile_env("EFFIR_ADAPTER_BWD=split,EFFIR_ADAPTER_COLS_TILE=32x32x4") == {
-        "EFFIR_ADAPTER_BWD": "split", "EFFIR_ADAPTER_COLS_TILE": "32x32x4"}
+    assert _tile_env("EFFIR_ADAPTER_FWD_STAGES=3,EFFIR_ADAPTER_BWD_STAGES=1") == {
+        "EFFIR_ADAPTER_FWD_STAGES": "3", "EFFIR_ADAPTER_BWD_STAGES": "1"}
 
 
-def test_best_env_takes_the_forward_tile_and_the_whole_backward_design():
-    """The backward is chosen by all its GPU time (the split design has no GEMMs, its row kernels' time alone would
-    not compare), and brings its non-tile knobs; the forward tile comes from the fastest forward kernel."""
+def test_best_env_takes_forward_knobs_from_the_fastest_forward_and_the_rest_from_the_fastest_backward():
+    """The forward's knobs (EFFIR_ADAPTER_FWD_*) come from the row with the fastest forward kernel, all others from
+    the row with the least backward GPU time (GEMMs and sums included); a shared tile splits by kernel."""
     rows = [{"env": {}, "fwd_us": 296.0, "bwd_us": 581.0, "bwd_all_us": 720.0},
-            {"env": _tile_env("EFFIR_ADAPTER_BWD=split,EFFIR_ADAPTER_COLS_TILE=32x32x4"), "fwd_us": 297.0,
-             "bwd_us": 640.0, "bwd_all_us": 650.0},
-            {"env": _tile_env("16x128x4/128x64x8"), "fwd_us": 280.0, "bwd_us": 600.0, "bwd_all_us": 740.0}]
+            {"env": _tile_env("EFFIR_ADAPTER_A_SCRATCH=0,EFFIR_ADAPTER_FWD_STAGES=1,EFFIR_ADAPTER_BWD_STAGES=3"),
+             "fwd_us": 297.0, "bwd_us": 560.0, "bwd_all_us": 650.0},
+            {"env": _tile_env("EFFIR_ADAPTER_FWD_STAGES=4,EFFIR_ADAPTER_BWD_STAGES=1"), "fwd_us": 280.0,
+             "bwd_us": 600.0, "bwd_all_us": 740.0},
+            {"env": _tile_env("16x128x4/128x64x8"), "fwd_us": 290.0, "bwd_us": 590.0, "bwd_all_us": 730.0}]
     env, fwd, bwd = best_env(rows)
-    assert (fwd, bwd) == ("16x128x4", "default")
-    assert env == {"EFFIR_ADAPTER_FWD_TILE": "16x128x4", "EFFIR_ADAPTER_BWD": "split",
-                   "EFFIR_ADAPTER_COLS_TILE": "32x32x4"}
-    rows[1]["bwd_all_us"] = 800.0  # the default backward wins: no knob of the split design comes along
-    assert best_env(rows)[0] == {"EFFIR_ADAPTER_FWD_TILE": "16x128x4"}
+    assert (fwd, bwd) == ("default", "default")
+    assert env == {"EFFIR_ADAPTER_FWD_STAGES": "4", "EFFIR_ADAPTER_A_SCRATCH": "0", "EFFIR_ADAPTER_BWD_STAGES": "3"}
+    rows[2]["fwd_us"] = 299.0  # now the 16-row forward tile is fastest, and the default backward
+    rows[1]["bwd_all_us"] = 800.0
+    assert best_env(rows) == ({"EFFIR_ADAPTER_FWD_TILE": "16x128x4"}, "16x128x4", "default")
+    rows[0]["env"] = _tile_env("64x64x4")  # a shared tile: the backward's, when its row wins the backward
+    assert best_env(rows)[0] == {"EFFIR_ADAPTER_FWD_TILE": "16x128x4", "EFFIR_ADAPTER_BWD_TILE": "64x64x4"}

@@ -7,6 +7,7 @@ from effir.ops import info_nce_triton as loss
 from kernels import bottleneck_adapter as adapter
 from kernels._knobs import env_choice
 
+BF16 = torch.empty(2, dtype=torch.bfloat16)
 # (variable, a value it refuses, the reader, what the reader gives when the variable is unset)
 KNOBS = [
     ("EFFIR_TRITON_GEMM_ORDER", "diagonal", loss.gemm_order, "row"),
@@ -14,9 +15,9 @@ KNOBS = [
     ("EFFIR_TRITON_DS_BLOCK", "3", loss.ds_block_factor, 2),
     ("EFFIR_ADAPTER_TILE", "48x64x8", lambda: adapter._tile("fwd", 768, 48, torch.bfloat16), (32, 128, 64, 4)),
     ("EFFIR_ADAPTER_BWD_TILE", "64x64", lambda: adapter._tile("bwd", 768, 48, torch.bfloat16), (64, 64, 64, 4)),
-    ("EFFIR_ADAPTER_A_SCRATCH", "yes", adapter.a_scratch, False),
-    ("EFFIR_ADAPTER_BWD", "columns", adapter.bwd_design, "rows"),
-    ("EFFIR_ADAPTER_COLS_TILE", "32x64", lambda: adapter._tile("cols", 768, 48, torch.bfloat16), (32, 64, 64, 8)),
+    ("EFFIR_ADAPTER_A_SCRATCH", "yes", adapter.a_scratch, True),
+    ("EFFIR_ADAPTER_FWD_STAGES", "5", lambda: adapter._stages("fwd", BF16), 2),
+    ("EFFIR_ADAPTER_BWD_STAGES", "0", lambda: adapter._stages("bwd", BF16, None), 2),
 ]
 
 
@@ -53,3 +54,12 @@ def test_adapter_tile_default_for_autocasts_mix(monkeypatch):
     monkeypatch.setenv("EFFIR_ADAPTER_BWD_TILE", "16x128x4")
     assert adapter._tile("bwd", 768, 48, torch.bfloat16, mixed=True) == (16, 128, 64, 4)
     assert adapter._tile("bwd", 768, 48, torch.bfloat16) == (16, 128, 64, 4)
+
+
+def test_adapter_stages_per_kernel_and_16_bit_only(monkeypatch):
+    """EFFIR_ADAPTER_{FWD,BWD}_STAGES set one kernel's pipelining depth each; any wider tensor keeps depth 1."""
+    monkeypatch.setenv("EFFIR_ADAPTER_FWD_STAGES", "3")
+    monkeypatch.setenv("EFFIR_ADAPTER_BWD_STAGES", "1")
+    assert adapter._stages("fwd", BF16, BF16) == 3
+    assert adapter._stages("bwd", BF16, None, BF16) == 1
+    assert adapter._stages("fwd", BF16, torch.empty(2)) == 1  # autocast's mix: an fp32 residual

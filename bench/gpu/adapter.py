@@ -91,11 +91,12 @@ def correctness(backends, quick, deadline):
     # shifted: rows 20 standard deviations off zero (a residual stream's means), where the shifted tensor-core
     # operand of the pre-activation and seq_bn's dW_down taken from z (cuBLAS over z, minus a sum) must hold
     cases += [(torch.bfloat16, "ln_pre", "gelu", "shifted", {}), (torch.bfloat16, "ln", "relu", "shifted", {})]
-    # the split backward (EFFIR_ADAPTER_BWD=split, Triton only), first run on a GPU: every variant
-    split = {"EFFIR_ADAPTER_BWD": "split"}
-    cases += [(torch.float64, "ln_pre", "gelu", "", split), (torch.float64, "ln", "silu", "", split),
-              (torch.bfloat16, "ln_pre", "relu", "", split), (torch.bfloat16, "ln", "silu", "", split),
-              (torch.bfloat16, "plain", "gelu", "", split), (torch.bfloat16, "ln_pre", "gelu", "shifted", split)]
+    # the pre-activation kept in registers (EFFIR_ADAPTER_A_SCRATCH=0, timed beside the default), and deeper
+    # software pipelines (EFFIR_ADAPTER_*_STAGES; the interpreter on CPU ignores num_stages: only a GPU runs them)
+    regs = {"EFFIR_ADAPTER_A_SCRATCH": "0"}
+    stages = {"EFFIR_ADAPTER_FWD_STAGES": "4", "EFFIR_ADAPTER_BWD_STAGES": "3"}
+    cases += [(torch.bfloat16, "ln_pre", "relu", "", regs), (torch.bfloat16, "ln", "silu", "", regs),
+              (torch.bfloat16, "ln_pre", "gelu", "shifted", stages), (torch.bfloat16, "ln", "relu", "", stages)]
     for dtype, variant, act, how, env in cases:
         if time.time() > deadline:
             rows.append({"skipped": "time budget", "dtype": str(dtype), "variant": variant, "act": act, "ok": False,
@@ -200,18 +201,16 @@ def _adapterhub_fn(variant, d, r, act, scaling, dtype=torch.bfloat16):
 
 
 # design knobs timed at the target shape: EFFIR_ADAPTER_TILE = rows x chunk width x warps, or "fwd/bwd" tiles for
-# the two kernels (the defaults, kernels/bottleneck_adapter._TILE_16BIT, come from run 4's sweep), or "NAME=value"
-# for another knob. Runs 7 and 8 swept the row-backward tiles again after u stopped being written and Wd w / Wd b
-# came from a kernel of their own (64x64x4 stayed best, 128x64x8 next). Untimed: the row kernel's pre-activation
-# parked in memory over passes 2-3 (EFFIR_ADAPTER_A_SCRATCH=1: sm_90 spill 344 -> 56 B a thread)
-# Untimed too: the split backward (EFFIR_ADAPTER_BWD=split: the row kernel's passes 1-3, then one streaming kernel
-# over d-chunks for dx and every parameter gradient, no GEMMs), with its column kernel's tile (COLS_TILE) and two
-# row tiles that do not spill on sm_90 (32x64x4 at 232 registers, 64x64x8 at 206; the default 64x64x4 spills 28 B
-# a thread). Comma-separated NAME=value pairs set several knobs at once.
-_SPLIT = "EFFIR_ADAPTER_BWD=split"
-TILES = {"ln_pre": (_SPLIT, f"{_SPLIT},EFFIR_ADAPTER_COLS_TILE=32x32x4", f"{_SPLIT},EFFIR_ADAPTER_BWD_TILE=32x64x4",
-                    f"{_SPLIT},EFFIR_ADAPTER_BWD_TILE=64x64x8", "EFFIR_ADAPTER_A_SCRATCH=1", "32x128x4/128x64x8"),
-         "ln": (_SPLIT,)}  # seq_bn is the issue's target
+# the two kernels (the defaults, kernels/bottleneck_adapter._TILE_16BIT, come from run 4's sweep), or
+# "NAME=value[,NAME=value...]" for other knobs. Runs 7 and 8 swept the row-backward tiles again after u stopped
+# being written and Wd w / Wd b came from a kernel of their own (64x64x4 stayed best, 128x64x8 next); run 9 timed
+# the split backward (slower, removed) and made the pre-activation scratch the default (row kernel 567 against
+# 582 us). Timed now: that choice again side by side in both variants (A_SCRATCH=0: registers), the software
+# pipelining depth of each kernel (*_STAGES; 2 so far) and a 16-row forward tile (more programs per SM).
+_STAGES = "EFFIR_ADAPTER_FWD_STAGES={},EFFIR_ADAPTER_BWD_STAGES={}"
+TILES = {"ln_pre": ("EFFIR_ADAPTER_A_SCRATCH=0", _STAGES.format(3, 3), _STAGES.format(4, 1), _STAGES.format(1, 4),
+                    "16x128x4/64x64x4"),
+         "ln": ("EFFIR_ADAPTER_A_SCRATCH=0", _STAGES.format(3, 3))}  # seq_bn is the issue's target
 
 
 def _tile_env(tile: str) -> dict:
@@ -230,24 +229,24 @@ def _tile_of(env: dict, kernel: str) -> str:
 
 def best_env(tiled: list[dict]) -> tuple[dict, str, str]:
     """(env, fwd tile, bwd tile) of the best combination of timed rows (each with env, fwd_us, bwd_all_us): the
-    forward tile of the fastest forward kernel (the profiler's time) and the backward of the fastest backward by all
-    its GPU time (the designs differ in GEMMs), which brings its other knobs along (EFFIR_ADAPTER_BWD, _COLS_TILE,
-    _A_SCRATCH)."""
+    forward knobs (EFFIR_ADAPTER_FWD_*) of the fastest forward kernel (the profiler's time) and the backward knobs
+    (all others: EFFIR_ADAPTER_BWD_*, _A_SCRATCH) of the fastest backward by all its GPU time, GEMMs and sums
+    included; a shared EFFIR_ADAPTER_TILE becomes the tile of the kernel it is taken for."""
+    best_fwd = min(tiled, key=lambda row: row["fwd_us"])["env"]
     best_bwd = min(tiled, key=lambda row: row["bwd_all_us"])["env"]
-    fwd = _tile_of(min(tiled, key=lambda row: row["fwd_us"])["env"], "fwd")
-    bwd = _tile_of(best_bwd, "bwd")
+    fwd, bwd = _tile_of(best_fwd, "fwd"), _tile_of(best_bwd, "bwd")
     env = {k: v for k, v in (("EFFIR_ADAPTER_FWD_TILE", fwd), ("EFFIR_ADAPTER_BWD_TILE", bwd)) if v != "default"}
+    env |= {k: v for k, v in best_fwd.items() if k.startswith("EFFIR_ADAPTER_FWD_") and not k.endswith("_TILE")}
     env |= {k: v for k, v in best_bwd.items()
-            if k not in ("EFFIR_ADAPTER_TILE", "EFFIR_ADAPTER_FWD_TILE", "EFFIR_ADAPTER_BWD_TILE")}
+            if not k.startswith("EFFIR_ADAPTER_FWD_") and k not in ("EFFIR_ADAPTER_TILE", "EFFIR_ADAPTER_BWD_TILE")}
     return env, fwd, bwd
 
 
 def _time_one(variant, name, f, env, leaves, p, hub, m, d, r, quick, copy_bps, breakdown=False, saved=True):
     """One timing row: forward + backward of `f` under the env knobs `env`, wall and GPU milliseconds (a CUDA
     graph replay, or `queued_ms` where the step will not capture), bytes/s against the minimal bytes;
-    `breakdown`: also the per-kernel GPU time (fwd_us / bwd_us: the fused forward and the row-gradient kernels,
-    the split design's column kernel included; bwd_all_us: all of the step's GPU time but the forward kernel, the
-    GEMMs and reductions included, which is what compares the two backward designs)."""
+    `breakdown`: also the per-kernel GPU time (fwd_us / bwd_us: the fused forward and the row-gradient kernel;
+    bwd_all_us: all of the step's GPU time but the forward kernel, the GEMMs and reductions included)."""
     grad_of = [leaves["h"], leaves["t"]] + (hub[1] if name == "adapterhub" else
                                              [leaves[k] for k in ("w_down", "b_down", "w_up", "b_up")])
     if variant == "plain":
@@ -287,8 +286,7 @@ def _time_one(variant, name, f, env, leaves, p, hub, m, d, r, quick, copy_bps, b
             try:  # where the fused op's GPU time goes
                 row["kernels"] = kernel_breakdown(step, top=64)
                 row["fwd_us"] = sum(k["us_per_step"] for k in row["kernels"] if "_fwd_kernel" in k["name"])
-                row["bwd_us"] = sum(k["us_per_step"] for k in row["kernels"]
-                                    if "_bwd_rows" in k["name"] or "_bwd_cols" in k["name"])
+                row["bwd_us"] = sum(k["us_per_step"] for k in row["kernels"] if "_bwd_rows" in k["name"])
                 row["bwd_all_us"] = sum(k["us_per_step"] for k in row["kernels"]) - row["fwd_us"]
             except Exception as exc:
                 row["kernels_error"] = f"{type(exc).__name__}: {exc}"[:300]
