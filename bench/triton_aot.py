@@ -61,6 +61,7 @@ QUICK = {
     ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 relu pfeiffer mixed"),
     ("bottleneck_adapter._wd_ln_kernel", "bf16 d=768 r=48 pfeiffer"),
     ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 relu pfeiffer a-registers"),
+    ("bottleneck_adapter._bwd_rows_kernel", "bf16 d=768 r=48 gelu houlsby a-scratch"),
     ("bottleneck_adapter._fwd_kernel", "fp32 d=384 r=24 relu plain"),
     ("bottleneck_adapter._bwd_rows_kernel", "fp64 d=768 r=48 gelu pfeiffer"),
 }
@@ -297,7 +298,7 @@ def adapter_launches(mod) -> list[Launch]:
             mod.fused_adapter_fwd(x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
             mod.fused_adapter_bwd(dy, x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
             if dt in (torch.float16, torch.bfloat16) and not mixed:  # the knob the GPU bench times beside it
-                with mock.patch.dict(os.environ, EFFIR_ADAPTER_A_SCRATCH="0"):
+                with mock.patch.dict(os.environ, EFFIR_ADAPTER_A_SCRATCH="0" if pre else "1"):
                     mod.fused_adapter_bwd(dy, x, res, wd, bd, wu, bu, lnw, lnb, act, 0.5, 1e-5, pre, post)
 
         calls = _record(mod, kernels, call)
@@ -309,8 +310,9 @@ def adapter_launches(mod) -> list[Launch]:
                     lay = (_LAYOUTS[(c["HAS_RES"], c["PRE_LN"], c["POST_LN"])] if "HAS_RES" in c
                            else layout)
                     legacy = " writes z" if c.get("WRITE_Z") else ""
-                    lay += ((" mixed" if mixed else "")
-                            + (" a-registers" if c.get("A_SCRATCH") is False else ""))
+                    # the pre-activation's home where it is not the variant's default (`a_scratch`)
+                    lay += ((" mixed" if mixed else "") + ("" if c.get("A_SCRATCH", pre) == pre else
+                                                           " a-scratch" if pre is False else " a-registers"))
                     ln.variant = f"{_TORCH_TO_TRITON[dt]} d={d} r={r}{act_s} {lay}{legacy}"
                     ln.family, ln.dtype = "adapter", _TORCH_TO_TRITON[dt]
                     out.append(ln)

@@ -559,12 +559,19 @@ _TILE_16BIT_MIXED = {"bwd": (32, 32, 8)}
 
 def _stages(kernel: str, *tensors: torch.Tensor) -> int:
     """Software-pipelining depth (num_stages) of the forward ("fwd") or row-gradient ("bwd") kernel's chunk loops.
-    16-bit: 2, or EFFIR_ADAPTER_{FWD,BWD}_STAGES (1-4; timed beside the default by bench/gpu/adapter.py): deeper
-    pipelines keep more chunk loads in flight, at the cost of shared memory (fewer programs per SM). fp32 / fp64: 1,
-    their multi-buffered (BLOCK_M, BLOCK_K) / (BLOCK_K, BLOCK_R) tiles would overflow shared memory."""
+    16-bit: forward 2, row gradients 3, or EFFIR_ADAPTER_{FWD,BWD}_STAGES (1-4): deeper pipelines keep more chunk
+    loads in flight, at the cost of shared memory (fewer programs per SM; a large tile set by EFFIR_ADAPTER_*_TILE
+    may then need fewer stages). H100 run 10 (bench/results/gpu_h100_2026-11-27_run10, 65536 tokens, d = 768,
+    profiler times): row kernel at 3 stages 535 / 480 us (seq_bn / post-LN) against 568 / 523 at 2, 580 at 1 and
+    734 at 4; forward at 2 stages 297 us against 318 at 3 or 4 and 336 at 1 (seq_bn; post-LN 271 at 3, 274 at 2).
+    fp32 / fp64 (and autocast's mix): 1, their multi-buffered (BLOCK_M, BLOCK_K) / (BLOCK_K, BLOCK_R) fp32 tiles
+    would overflow shared memory."""
     if not all(t.element_size() == 2 for t in tensors if t is not None):
         return 1
-    return int(env_choice(f"EFFIR_ADAPTER_{kernel.upper()}_STAGES", ("1", "2", "3", "4"), "2"))
+    return int(env_choice(f"EFFIR_ADAPTER_{kernel.upper()}_STAGES", ("1", "2", "3", "4"), _STAGES_16BIT[kernel]))
+
+
+_STAGES_16BIT = {"fwd": "2", "bwd": "3"}
 
 
 def _warps(bm: int, bk: int, br: int) -> int:
@@ -617,13 +624,16 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
     return y
 
 
-def a_scratch() -> bool:
-    """EFFIR_ADAPTER_A_SCRATCH ("1" by default): the row-gradient kernel parks its (BLOCK_M, BLOCK_R) fp32
-    pre-activation in an (M, r) scratch over passes 2-3 instead of registers ("0": registers). On sm_90 that cuts
-    the 16-bit seq_bn relu kernel's spill from 344 to 56 B a thread (bench/triton_aot.py), for 2 x M r x 4 bytes
-    of (mostly L2) traffic; H100 run 9 (bench/results/gpu_h100_2026-11-27_run9, seq_bn at 65536 tokens, d = 768):
-    row kernel 567 against 582 us, step 1.011 against 1.025 ms."""
-    return env_choice("EFFIR_ADAPTER_A_SCRATCH", ("0", "1"), "1") == "1"
+def a_scratch(pre_ln: bool) -> bool:
+    """Whether the row-gradient kernel parks its (BLOCK_M, BLOCK_R) fp32 pre-activation in an (M, r) scratch over
+    passes 2-3 instead of registers: EFFIR_ADAPTER_A_SCRATCH "auto" (default: with the Pfeiffer LayerNorm in front,
+    `pre_ln`), "1" always, "0" never. It costs 2 x M r x 4 bytes of (mostly L2) traffic and frees 32 registers a
+    thread at 64 x 64: on sm_90 the 16-bit seq_bn relu kernel spills 56 B a thread instead of 344
+    (bench/triton_aot.py). H100 runs 9 and 10 (bench/results/gpu_h100_2026-11-27_run9, _run10; 65536 tokens,
+    d = 768): seq_bn row kernel 567 / 568 us against 582 / 583 in registers, but post-LN alone 523 against 505 (its
+    kernel spills less to begin with: 156-280 B), hence per variant."""
+    v = env_choice("EFFIR_ADAPTER_A_SCRATCH", ("auto", "0", "1"), "auto")
+    return pre_ln if v == "auto" else v == "1"
 
 
 def _wd_ln(w_down, ln_weight, ln_bias, block_r: int, x) -> torch.Tensor:
@@ -666,7 +676,7 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     # per row block: column sums [s*dv (d) | LN weight (d) | LN bias (d) | da (r) | (u_from_z) q mean1 (r)],
     # reduced by one sum below
     pcol_w = 3 * d + (2 * r if u_from_z else r)
-    a_scr = a_scratch()
+    a_scr = a_scratch(pre_ln)
     pcol = torch.empty((n_blocks, pcol_w), dtype=cdt, device=dev)
     _bwd_rows_kernel[(n_blocks,)](
         dy, x, res if has_res else dummy, w_down, b_down, w_up, b_up, lnw, lnb,

@@ -257,10 +257,12 @@ def test_triton_frozen_layernorm_bf16_dw_down_from_z():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_triton_a_in_registers(dtype, variant, monkeypatch):
-    """EFFIR_ADAPTER_A_SCRATCH=0: the row kernel keeps its pre-activation in registers over passes 2-3 instead of
-    parking it in memory (the default); the same results, every variant and dtype, several row blocks."""
-    monkeypatch.setenv("EFFIR_ADAPTER_A_SCRATCH", "0")
+@pytest.mark.parametrize("where", ["0", "1"])
+def test_triton_a_scratch_or_registers(where, dtype, variant, monkeypatch):
+    """EFFIR_ADAPTER_A_SCRATCH: the row kernel's pre-activation over passes 2-3 in registers ("0") or parked in
+    memory ("1"), each forced for every variant (by default seq_bn parks it, the others keep it in registers): the
+    same results, every dtype, several row blocks (stored and read back per block)."""
+    monkeypatch.setenv("EFFIR_ADAPTER_A_SCRATCH", where)
     check_all(variant, make_inputs((157,), 200, 24, seed=19), dtype, "triton", "silu")
 
 

@@ -15,9 +15,9 @@ KNOBS = [
     ("EFFIR_TRITON_DS_BLOCK", "3", loss.ds_block_factor, 2),
     ("EFFIR_ADAPTER_TILE", "48x64x8", lambda: adapter._tile("fwd", 768, 48, torch.bfloat16), (32, 128, 64, 4)),
     ("EFFIR_ADAPTER_BWD_TILE", "64x64", lambda: adapter._tile("bwd", 768, 48, torch.bfloat16), (64, 64, 64, 4)),
-    ("EFFIR_ADAPTER_A_SCRATCH", "yes", adapter.a_scratch, True),
+    ("EFFIR_ADAPTER_A_SCRATCH", "yes", lambda: (adapter.a_scratch(True), adapter.a_scratch(False)), (True, False)),
     ("EFFIR_ADAPTER_FWD_STAGES", "5", lambda: adapter._stages("fwd", BF16), 2),
-    ("EFFIR_ADAPTER_BWD_STAGES", "0", lambda: adapter._stages("bwd", BF16, None), 2),
+    ("EFFIR_ADAPTER_BWD_STAGES", "0", lambda: adapter._stages("bwd", BF16, None), 3),
 ]
 
 
@@ -63,3 +63,10 @@ def test_adapter_stages_per_kernel_and_16_bit_only(monkeypatch):
     assert adapter._stages("fwd", BF16, BF16) == 3
     assert adapter._stages("bwd", BF16, None, BF16) == 1
     assert adapter._stages("fwd", BF16, torch.empty(2)) == 1  # autocast's mix: an fp32 residual
+
+
+def test_adapter_a_scratch_forced_either_way(monkeypatch):
+    """EFFIR_ADAPTER_A_SCRATCH: "auto" follows the Pfeiffer LayerNorm in front; "0" / "1" hold for every variant."""
+    for v, expect in (("auto", (True, False)), ("1", (True, True)), ("0", (False, False))):
+        monkeypatch.setenv("EFFIR_ADAPTER_A_SCRATCH", v)
+        assert (adapter.a_scratch(True), adapter.a_scratch(False)) == expect
