@@ -548,9 +548,9 @@ def _tile_cached(kernel: str, d: int, r: int, dtype: torch.dtype, mixed: bool, e
 # 306 us at 32x128x4 against 513 at the former 64x64x8; row-gradient kernel 641 us at 64x64x4 against 971.
 # Four warps and short row blocks win, plausibly because more programs per SM hide the chunk loops' load latency
 # (the 8-warp tiles ran at 12.5% occupancy, register-bound, in run 3's Nsight Compute counters).
-# The row-gradient kernel at 64x64x4 needs more than the 255 registers a thread has and spills (20-344 B per
-# thread on sm_90 with the LayerNorm variants, bench/results/triton_aot_sm90.json), yet measured fastest: 641 us
-# against 784 us at 32x64x4, which does not spill (runs 4 and 5).
+# The row-gradient kernel at 64x64x4 needs more than the 255 registers a thread has and spills (56-356 B per
+# thread on sm_90 with the LayerNorm variants at its 3 pipeline stages, bench/results/triton_aot_sm90.json), yet
+# measured fastest: 641 us against 784 us at 32x64x4, which does not spill (runs 4 and 5).
 _TILE_16BIT = {"fwd": (32, 128, 4), "bwd": (64, 64, 4)}
 # Autocast's mix: the row backward reads fp32 z and dy, and the 64x64 tile then spills 616 B per thread on sm_90;
 # 32x32 on 8 warps does not (bench/results/triton_aot_sm90.json, "mixed")
