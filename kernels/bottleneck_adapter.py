@@ -572,6 +572,17 @@ def _stages(kernel: str, *tensors: torch.Tensor) -> int:
 
 
 _STAGES_16BIT = {"fwd": "2", "bwd": "3"}
+_MAXNREG_CHOICES = ("96", "128", "152", "168", "184", "200", "224")
+
+
+def _maxnreg(kernel: str) -> dict:
+    """Launch option capping the forward ("fwd") or row-gradient ("bwd") kernel's registers per thread: {} by
+    default (ptxas chooses), or {"maxnreg": n} from EFFIR_ADAPTER_{FWD,BWD}_MAXNREG. Programs per SM are bound by
+    registers (4 warps x 32 threads x n of the SM's 65536): the 16-bit forward takes 184 a thread at seq_bn, two
+    programs per SM; 168 would allow three, 128 four, at the cost of spills (bench/triton_aot.py reports them), for
+    a GPU run to time against the default (bench/gpu/adapter.py)."""
+    v = env_choice(f"EFFIR_ADAPTER_{kernel.upper()}_MAXNREG", _MAXNREG_CHOICES, None)
+    return {} if v is None else {"maxnreg": int(v)}
 
 
 def _warps(bm: int, bk: int, br: int) -> int:
@@ -619,7 +630,7 @@ def fused_adapter_fwd(x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ac
         _wd_ln(w_down, ln_weight, ln_bias, br, x) if pre_ln else dummy, y,
         z_out if z_out is not None else dummy, m, d, r, *_scalar_args(x, scaling, eps), BLOCK_M=bm, BLOCK_K=bk,
         BLOCK_R=br, ACT=ACT_IDS[activation], HAS_RES=res is not None, PRE_LN=pre_ln, POST_LN=post_ln,
-        num_warps=warps, num_stages=_stages("fwd", x, res), WRITE_Z=z_out is not None,
+        num_warps=warps, num_stages=_stages("fwd", x, res), WRITE_Z=z_out is not None, **_maxnreg("fwd"),
         **_flags(x, w_down))
     return y
 
@@ -685,6 +696,7 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
         dv, u, pcol, m, d, r, pcol_w, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
         num_stages=_stages("bwd", x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z, A_SCRATCH=a_scr,
+        **_maxnreg("bwd"),
         **flags)
     grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln and not u_from_z else None, hbuf, dabuf, pcol,
                               scaling, (ln_weight, ln_bias) if u_from_z else None)

@@ -277,12 +277,13 @@ def test_triton_param_gradients(dtype, variant):
 @pytest.mark.parametrize("tiles", [{"EFFIR_ADAPTER_TILE": "32x64x4"}, {"EFFIR_ADAPTER_TILE": "128x32x8"},
                                    {"EFFIR_ADAPTER_FWD_TILE": "16x128x4", "EFFIR_ADAPTER_BWD_TILE": "128x256x16"},
                                    {"EFFIR_ADAPTER_BWD_TILE": "32x64x4", "EFFIR_ADAPTER_A_SCRATCH": "0",
-                                    "EFFIR_ADAPTER_FWD_STAGES": "4", "EFFIR_ADAPTER_BWD_STAGES": "1"}],
+                                    "EFFIR_ADAPTER_FWD_STAGES": "4", "EFFIR_ADAPTER_BWD_STAGES": "1",
+                                    "EFFIR_ADAPTER_FWD_MAXNREG": "128", "EFFIR_ADAPTER_BWD_MAXNREG": "168"}],
                          ids=["32x64", "128x32", "fwd16x128-bwd128x256", "bwd32x64-registers-stages"])
 def test_triton_tiles(tiles, monkeypatch):
     """The forward / row-gradient kernels with other tiles (EFFIR_ADAPTER_*TILE, 16-bit), also a different one
     per kernel: chunks wider than d (256 > 200) and row blocks taller than the 157 tokens included; and with the
-    other knobs the GPU bench times (pipelining depths, the pre-activation in registers)."""
+    other knobs the GPU bench times (pipelining depths, the pre-activation in registers, register caps)."""
     for name, value in tiles.items():
         monkeypatch.setenv(name, value)
     check_all("ln_pre", make_inputs((157,), 200, 24, seed=17), torch.bfloat16, "triton", "silu")

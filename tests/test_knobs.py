@@ -18,6 +18,8 @@ KNOBS = [
     ("EFFIR_ADAPTER_A_SCRATCH", "yes", lambda: (adapter.a_scratch(True), adapter.a_scratch(False)), (True, False)),
     ("EFFIR_ADAPTER_FWD_STAGES", "5", lambda: adapter._stages("fwd", BF16), 2),
     ("EFFIR_ADAPTER_BWD_STAGES", "0", lambda: adapter._stages("bwd", BF16, None), 3),
+    ("EFFIR_ADAPTER_FWD_MAXNREG", "255", lambda: adapter._maxnreg("fwd"), {}),
+    ("EFFIR_ADAPTER_BWD_MAXNREG", "many", lambda: adapter._maxnreg("bwd"), {}),
 ]
 
 
@@ -70,3 +72,10 @@ def test_adapter_a_scratch_forced_either_way(monkeypatch):
     for v, expect in (("auto", (True, False)), ("1", (True, True)), ("0", (False, False))):
         monkeypatch.setenv("EFFIR_ADAPTER_A_SCRATCH", v)
         assert (adapter.a_scratch(True), adapter.a_scratch(False)) == expect
+
+
+def test_adapter_maxnreg_per_kernel(monkeypatch):
+    """EFFIR_ADAPTER_{FWD,BWD}_MAXNREG become the `maxnreg` launch option of their own kernel only."""
+    monkeypatch.delenv("EFFIR_ADAPTER_BWD_MAXNREG", raising=False)
+    monkeypatch.setenv("EFFIR_ADAPTER_FWD_MAXNREG", "168")
+    assert adapter._maxnreg("fwd") == {"maxnreg": 168} and adapter._maxnreg("bwd") == {}

@@ -95,8 +95,10 @@ def correctness(backends, quick, deadline):
     # pipelining depths (EFFIR_ADAPTER_*_STAGES; the interpreter on CPU ignores num_stages: only a GPU runs them)
     regs, scratch = {"EFFIR_ADAPTER_A_SCRATCH": "0"}, {"EFFIR_ADAPTER_A_SCRATCH": "1"}
     stages = {"EFFIR_ADAPTER_FWD_STAGES": "4", "EFFIR_ADAPTER_BWD_STAGES": "2"}
+    capped = {"EFFIR_ADAPTER_FWD_MAXNREG": "128", "EFFIR_ADAPTER_BWD_MAXNREG": "168"}  # registers capped: spills
     cases += [(torch.bfloat16, "ln_pre", "relu", "", regs), (torch.bfloat16, "ln", "silu", "", scratch),
-              (torch.bfloat16, "ln_pre", "gelu", "shifted", stages), (torch.bfloat16, "ln", "relu", "", stages)]
+              (torch.bfloat16, "ln_pre", "gelu", "shifted", stages), (torch.bfloat16, "ln", "relu", "", stages),
+              (torch.bfloat16, "ln_pre", "silu", "", capped), (torch.bfloat16, "ln", "gelu", "shifted", capped)]
     for dtype, variant, act, how, env in cases:
         if time.time() > deadline:
             rows.append({"skipped": "time budget", "dtype": str(dtype), "variant": variant, "act": act, "ok": False,
@@ -206,9 +208,16 @@ def _adapterhub_fn(variant, d, r, act, scaling, dtype=torch.bfloat16):
 # being written and Wd w / Wd b came from a kernel of their own (64x64x4 stayed best, 128x64x8 next); run 9 timed
 # the split backward (slower, removed) and the pre-activation scratch (faster at seq_bn); run 10 the scratch in
 # both variants (slower at post-LN: now per variant), pipelining depths (row kernel 3 stages faster in both
-# variants, forward 2 stays) and a 16-row forward tile (slower). Timed now: the former defaults beside the new.
-TILES = {"ln_pre": ("EFFIR_ADAPTER_BWD_STAGES=2",),
-         "ln": ("EFFIR_ADAPTER_BWD_STAGES=2", "EFFIR_ADAPTER_A_SCRATCH=1")}  # seq_bn is the issue's target
+# variants, forward 2 stays) and a 16-row forward tile (slower); run 11 the new defaults beside the old.
+# Untimed: registers capped per thread (EFFIR_ADAPTER_*_MAXNREG) for more programs per SM. The forward takes 184 at
+# seq_bn (two programs of 4 warps per SM); capped at 168 / 152 it spills 24 / 32 B a thread on sm_90 (three
+# programs), at 128 64 B (four). The row kernel would spill 748 B at 168 and its 3 stages' shared memory
+# (90 KB) allows only two programs anyway, so it is tried at 2 stages (60 KB: three programs). Spill figures from
+# `EFFIR_ADAPTER_FWD_MAXNREG=168 EFFIR_ADAPTER_BWD_MAXNREG=168 python bench/triton_aot.py --arch 90 --only ...`.
+_FWD_CAPS = ("EFFIR_ADAPTER_FWD_MAXNREG=168", "EFFIR_ADAPTER_FWD_MAXNREG=128")
+TILES = {"ln_pre": _FWD_CAPS + ("EFFIR_ADAPTER_FWD_MAXNREG=152,EFFIR_ADAPTER_FWD_STAGES=3",
+                                "EFFIR_ADAPTER_BWD_MAXNREG=168,EFFIR_ADAPTER_BWD_STAGES=2"),
+         "ln": _FWD_CAPS}  # seq_bn is the issue's target
 
 
 def _tile_env(tile: str) -> dict:
