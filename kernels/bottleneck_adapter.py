@@ -120,16 +120,10 @@ def _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN: tl.constexpr, 
     if PRE_LN:
         w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
         b = tl.load(LNB + cols, mask=cols < D, other=0.0).to(CDT)
-        return _u_from(z, w, b, mask, mean1, rstd1)
+        uhat = tl.where(mask, (z - mean1[:, None]) * rstd1[:, None], 0.0)
+        return uhat * w[None, :] + tl.where(mask, b[None, :], 0.0), uhat
     else:
         return x, x
-
-
-@triton.jit
-def _u_from(z, w, b, mask, mean1, rstd1):
-    """(u, uhat) = (LN(z), (z - mean1) rstd1) of a chunk from its LayerNorm weight / bias chunk (zero outside)."""
-    uhat = tl.where(mask, (z - mean1[:, None]) * rstd1[:, None], 0.0)
-    return uhat * w[None, :] + tl.where(mask, b[None, :], 0.0), uhat
 
 
 @triton.jit
@@ -137,28 +131,8 @@ def _v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT: tl.constexpr, IEE
     """v chunk = z + scaling * (h @ Wuᵀ + bu) over the chunk's columns (zero outside)."""
     wut = tl.load(WU + cols[None, :] * R + rr[:, None], mask=(cols < D)[None, :] & (rr < R)[:, None], other=0.0)
     bu = tl.load(BU + cols, mask=cols < D, other=0.0).to(CDT)
-    return _v_from(z, h, wut, bu, mask, scaling, CDT, IEEE)
-
-
-@triton.jit
-def _v_from(z, h, wut, bu, mask, scaling, CDT: tl.constexpr, IEEE: tl.constexpr):
-    """v = z + scaling * (h @ wut + bu) from the chunk's (BLOCK_R, BLOCK_K) Wuᵀ and bu (CDT) already loaded."""
     p = _mm(h.to(wut.dtype), wut, IEEE).to(CDT) + bu[None, :]
     return tl.where(mask, z + scaling * p, 0.0)
-
-
-@triton.jit
-def _dv_from(dy, v, w, mask, mean2, rstd2, c1, c2):
-    """(dv, vhat): the gradient reaching v through the post-LayerNorm (weight chunk w) given the row statistics
-    and the row means c1 = mean(dy w), c2 = mean(dy w vhat) (`_post_stats_bwd`)."""
-    vhat = tl.where(mask, (v - mean2[:, None]) * rstd2[:, None], 0.0)
-    return tl.where(mask, (dy * w[None, :] - c1[:, None] - vhat * c2[:, None]) * rstd2[:, None], 0.0), vhat
-
-
-@triton.jit
-def _dz_pre(dv, du, uhat, w, mask, e1, e2, rstd1):
-    """dz = dv + the LayerNorm-1 backward of du = da @ Wd (e1, e2: the row means of du w and du w uhat)."""
-    return dv + tl.where(mask, (du * w[None, :] - e1[:, None] - uhat * e2[:, None]) * rstd1[:, None], 0.0)
 
 
 @triton.jit
@@ -367,8 +341,9 @@ def _dv_chunk(dy, z, h, WU, BU, LNW, cols, mask, rr, mean2, rstd2, c1, c2, D, R,
     """(dv, vhat) chunk: the gradient reaching v = z + s*p through the LayerNorm (or dy itself)."""
     if POST_LN:
         v = _v_chunk(z, h, WU, BU, cols, mask, rr, D, R, scaling, CDT, IEEE)
+        vhat = tl.where(mask, (v - mean2[:, None]) * rstd2[:, None], 0.0)
         w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
-        return _dv_from(dy, v, w, mask, mean2, rstd2, c1, c2)
+        return tl.where(mask, (dy * w[None, :] - c1[:, None] - vhat * c2[:, None]) * rstd2[:, None], 0.0), vhat
     else:
         return dy, dy
 
@@ -461,14 +436,13 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
             dv = tl.load(DV + offs, mask=mask, other=0.0).to(CDT)
         else:
             dv = tl.load(DY + offs, mask=mask, other=0.0).to(CDT)
-        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :],
-                     other=0.0)
+        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=qmask[:, None] & (cols < D)[None, :], other=0.0)
         du = _mm(da, wd, IEEE).to(CDT)
         if PRE_LN:
             z, x, _c, _m, _o = _load_z(X, RES, rows, rmask, k0, D, BLOCK_K, HAS_RES, PRE_LN, CDT)
             u, uhat = _u_chunk(z, x, cols, mask, LNW, LNB, mean1, rstd1, D, PRE_LN, CDT)
             w = tl.load(LNW + cols, mask=cols < D, other=0.0).to(CDT)
-            dz = _dz_pre(dv, du, uhat, w, mask, e1, e2, rstd1)
+            dz = dv + tl.where(mask, (du * w[None, :] - e1[:, None] - uhat * e2[:, None]) * rstd1[:, None], 0.0)
             tl.store(DX + offs, dz.to(DX.dtype.element_ty), mask=mask)
             if HAS_RES:
                 tl.store(DRES + offs, dz.to(DRES.dtype.element_ty), mask=mask)
@@ -487,9 +461,9 @@ def _bwd_rows_kernel(DY, X, RES, WD, BD, WU, BU, LNW, LNB, CWB, DX, DRES, HBUF, 
     tl.store(PCOL + pid.to(tl.int64) * PCOL_W + 3 * D + rr,
              tl.sum(tl.where(rqmask, da.to(DABUF.dtype.element_ty).to(CDT), 0.0), axis=0), mask=qmask)
     if U_FROM_Z:
-        # dW_down = daᵀ u with u = (z - mean1) rstd1 w + b, as (qᵀ z - Σ q mean1) w + (Σ da) b, q = da rstd1:
-        # the GEMM reads the z it has anyway instead of a u written here (M d 16-bit bytes less). The sum takes
-        # q as stored, so the GEMM's qᵀ z and it cancel exactly what they share
+        # dW_down = daᵀ u with u = (z - mean1) rstd1 w + b, as (qᵀ z - Σ q mean1) w + (Σ da) b, q = da rstd1: the
+        # GEMM reads the z it has anyway instead of a u written here (M d 16-bit bytes less). The sum takes q as
+        # stored, so the GEMM's qᵀ z and it cancel exactly what they share
         q = (da.to(CDT) * rstd1[:, None]).to(DABUF.dtype.element_ty)
         tl.store(DABUF + roffs, q, mask=rqmask)
         tl.store(PCOL + pid.to(tl.int64) * PCOL_W + 3 * D + R + rr,
@@ -557,6 +531,10 @@ _TILE_16BIT = {"fwd": (32, 128, 4), "bwd": (64, 64, 4)}
 _TILE_16BIT_MIXED = {"bwd": (32, 32, 8)}
 
 
+_STAGES_16BIT = {"fwd": "2", "bwd": "3"}  # num_stages defaults, see `_stages`
+_MAXNREG_CHOICES = ("96", "128", "152", "168", "184", "200", "224")
+
+
 def _stages(kernel: str, *tensors: torch.Tensor) -> int:
     """Software-pipelining depth (num_stages) of the forward ("fwd") or row-gradient ("bwd") kernel's chunk loops.
     16-bit: forward 2, row gradients 3, or EFFIR_ADAPTER_{FWD,BWD}_STAGES (1-4): deeper pipelines keep more chunk
@@ -569,10 +547,6 @@ def _stages(kernel: str, *tensors: torch.Tensor) -> int:
     if not all(t.element_size() == 2 for t in tensors if t is not None):
         return 1
     return int(env_choice(f"EFFIR_ADAPTER_{kernel.upper()}_STAGES", ("1", "2", "3", "4"), _STAGES_16BIT[kernel]))
-
-
-_STAGES_16BIT = {"fwd": "2", "bwd": "3"}
-_MAXNREG_CHOICES = ("96", "128", "152", "168", "184", "200", "224")
 
 
 def _maxnreg(kernel: str) -> dict:
@@ -665,9 +639,23 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
     dtypes as `fused_adapter_fwd` takes them (x, res, dy; dx / dres like x / res).
     ln_param_grads=False (frozen LayerNorm): the two LayerNorm gradients are not computed and come back
     uninitialised (torch.empty: no kernel fills them; the ops' autograd drops them)."""
-    m, d, r, cdt, mixed, (bm, bk, br, warps), dx, dres, hbuf, dabuf = _bwd_common(dy, x, res, w_down)
-    dev, gdt, dummy, has_res = x.device, w_down.dtype, x, res is not None
-    # u = LN(z) and dv (the weight-gradient GEMMs' operands) in the weights' dtype too (see `_bwd_common`)
+    m, d = x.shape
+    r = w_down.shape[0]
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dev = x.device
+    # autocast's mix (fp32 z and dy, 16-bit weights) has fp32 tiles in the registers: its own defaults
+    mixed = any(t is not None and t.dtype != w_down.dtype for t in (x, res, dy))
+    bm, bk, br, warps = _tile("bwd", d, r, w_down.dtype, mixed)
+    dx = torch.empty_like(x)
+    dres = torch.empty_like(res) if res is not None else None
+    # act(a), d(a), u = LN(z) and dv (the weight-gradient GEMMs' operands) in the weights' dtype: what the
+    # GEMMs take (as torch's own autograd would, autocast's too), half the bytes of fp32 at 16 bits and no
+    # conversion kernels; the forward's dot rounds act(a) the same way
+    gdt = w_down.dtype
+    hbuf = torch.empty((m, r), dtype=gdt, device=dev)
+    dabuf = torch.empty((m, r), dtype=gdt, device=dev)
+    dummy = x
+    has_res = res is not None
     ln = pre_ln or post_ln
     lnw = ln_weight if ln_weight is not None else dummy
     lnb = ln_bias if ln_bias is not None else dummy
@@ -696,40 +684,19 @@ def fused_adapter_bwd(dy, x, res, w_down, b_down, w_up, b_up, ln_weight, ln_bias
         dv, u, pcol, m, d, r, pcol_w, *sc,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, ACT=ACT_IDS[activation], num_warps=warps,
         num_stages=_stages("bwd", x, res, dy), LN_GRADS=ln_param_grads, U_FROM_Z=u_from_z, A_SCRATCH=a_scr,
-        **_maxnreg("bwd"),
-        **flags)
+        **_maxnreg("bwd"), **flags)
     grads = _param_grads_gemm(dv if post_ln else dy, x, u if pre_ln and not u_from_z else None, hbuf, dabuf, pcol,
                               scaling, (ln_weight, ln_bias) if u_from_z else None)
-    return dx, dres, *_grads_out(grads, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ln, ln_param_grads)
-
-
-def _bwd_common(dy, x, res, w_down):
-    """(m, d, r, compute dtype, mixed, row-kernel tile, dx, dres|None, act(a) buffer, da buffer) of a backward.
-    mixed: autocast's mix (fp32 z and dy, 16-bit weights), fp32 tiles in the registers: its own tile defaults.
-    act(a) and da (M, r) in the weights' dtype: what the weight-gradient products take (as torch's own autograd
-    would, autocast's too), half the bytes of fp32 at 16 bits; the forward's dot rounds act(a) the same way."""
-    m, d = x.shape
-    r = w_down.shape[0]
-    mixed = any(t is not None and t.dtype != w_down.dtype for t in (x, res, dy))
-    hbuf = torch.empty((m, r), dtype=w_down.dtype, device=x.device)
-    dabuf = torch.empty((m, r), dtype=w_down.dtype, device=x.device)
-    return (m, d, r, torch.float64 if x.dtype == torch.float64 else torch.float32, mixed,
-            _tile("bwd", d, r, w_down.dtype, mixed), torch.empty_like(x),
-            torch.empty_like(res) if res is not None else None, hbuf, dabuf)
-
-
-def _grads_out(grads, w_down, b_down, w_up, b_up, ln_weight, ln_bias, ln: bool, ln_param_grads: bool):
-    """(dw_down, db_down, dw_up, db_up, dln_weight|None, dln_bias|None) in the parameters' dtypes from the fp32
-    (fp64) results (dW_down, db_down, dW_up, db_up, dln_w, dln_b). The vectors are slices of one sum: each
-    becomes a tensor of its own (outputs must not alias), in the cast that rounds it to its parameter's dtype."""
-    dw_down, dw_up = grads[0].to(w_down.dtype, copy=True), grads[2].to(w_up.dtype, copy=True)
+    # the vectors are slices of one sum: each becomes a tensor of its own (outputs must not alias), in the cast
+    # that rounds it to its parameter's dtype anyway
+    dw_down, dw_up = grads[0].to(w_down.dtype), grads[2].to(w_up.dtype)
     db_down, db_up = grads[1].to(b_down.dtype, copy=True), grads[3].to(b_up.dtype, copy=True)
     dlnw = dlnb = None
     if ln and ln_param_grads:
         dlnw, dlnb = grads[4].to(ln_weight.dtype, copy=True), grads[5].to(ln_bias.dtype, copy=True)
     elif ln:  # frozen LayerNorm: nothing reduced, and nothing filled either (no kernel launch)
         dlnw, dlnb = torch.empty_like(ln_weight), torch.empty_like(ln_bias)
-    return dw_down, db_down, dw_up, db_up, dlnw, dlnb
+    return dx, dres, dw_down, db_down, dw_up, db_up, dlnw, dlnb
 
 
 def _param_grads_gemm(dv, x, u, hbuf, dabuf, pcol, scaling: float, ln_from_z=None):
