@@ -204,16 +204,10 @@ def _adapterhub_fn(variant, d, r, act, scaling, dtype=torch.bfloat16):
 
 # design knobs timed at the target shape: EFFIR_ADAPTER_TILE = rows x chunk width x warps, or "fwd/bwd" tiles for
 # the two kernels (the defaults, kernels/bottleneck_adapter._TILE_16BIT, come from run 4's sweep), or
-# "NAME=value[,NAME=value...]" for other knobs. Runs 7 and 8 swept the row-backward tiles again after u stopped
-# being written and Wd w / Wd b came from a kernel of their own (64x64x4 stayed best, 128x64x8 next); run 9 timed
-# the split backward (slower, removed) and the pre-activation scratch (faster at seq_bn); run 10 the scratch in
-# both variants (slower at post-LN: now per variant), pipelining depths (row kernel 3 stages faster in both
-# variants, forward 2 stays) and a 16-row forward tile (slower); run 11 the new defaults beside the old.
-# Untimed: registers capped per thread (EFFIR_ADAPTER_*_MAXNREG) for more programs per SM. The forward takes 184 at
-# seq_bn (two programs of 4 warps per SM); capped at 168 / 152 it spills 24 / 32 B a thread on sm_90 (three
-# programs), at 128 64 B (four). The row kernel would spill 748 B at 168 and its 3 stages' shared memory
-# (90 KB) allows only two programs anyway, so it is tried at 2 stages (60 KB: three programs). Spill figures from
-# `EFFIR_ADAPTER_FWD_MAXNREG=168 EFFIR_ADAPTER_BWD_MAXNREG=168 python bench/triton_aot.py --arch 90 --only ...`.
+# "NAME=value[,NAME=value...]" for other knobs; what each run timed and why is in
+# bench/results/gpu_h100_2026-11-27/README.md. Now: registers capped per thread (EFFIR_ADAPTER_*_MAXNREG, untimed)
+# for more programs per SM (their sm_90 spills: that README, "Prepared for the next GPU run"). The row kernel
+# is capped at 2 stages: at 3, its shared memory (90 KB) allows two programs per SM whatever its registers.
 _FWD_CAPS = ("EFFIR_ADAPTER_FWD_MAXNREG=168", "EFFIR_ADAPTER_FWD_MAXNREG=128")
 TILES = {"ln_pre": _FWD_CAPS + ("EFFIR_ADAPTER_FWD_MAXNREG=152,EFFIR_ADAPTER_FWD_STAGES=3",
                                 "EFFIR_ADAPTER_BWD_MAXNREG=168,EFFIR_ADAPTER_BWD_STAGES=2"),
